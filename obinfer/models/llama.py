@@ -1,0 +1,183 @@
+"""The decoder: Llama-3.x and Qwen-2.5 in one small file.
+
+A token's path: `embed_tokens` -> for each `Block`: RMSNorm -> q/k/v projections -> RoPE on q and k ->
+append k, v to this layer's `LayerCache` -> attention of q over the cache -> o_proj -> residual ->
+RMSNorm -> SwiGLU MLP -> residual; then the final RMSNorm and the LM head give logits.
+
+Module names mirror Hugging Face's (`model.layers.{i}.self_attn.q_proj`, ...), so HF safetensors
+load with `load_state_dict(strict=True)` and no renaming. The KV cache is an argument, never a
+module attribute; an optional `observer` is called after each layer's attention with that layer's
+queries, which is how presses compress the cache (see `obinfer/cache/presses.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from obinfer.cache.kv_cache import KVCache, LayerCache
+from obinfer.config import ModelConfig
+
+# observer(layer_idx, q (B, Hq, T, D) after RoPE, q_pos (B, T), layer_cache) -> None
+Observer = Callable[[int, Tensor, Tensor, LayerCache], None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., C). Normalised in float32, as the reference implementation does."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies (D/2,) float32, with Llama-3.1's frequency-dependent scaling if configured."""
+    D = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv
+    factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old_len = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)  # long wavelengths: slowed down
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, 1, T, D) for positions pos (B, T), rotate-half layout (each angle twice)."""
+    ang = pos.float()[..., None] * inv_freq.to(pos.device)[None, None, :]  # (B, T, D/2)
+    emb = torch.cat([ang, ang], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, D): dim i pairs with dim i + D/2 (Hugging Face's rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        C, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(C, cfg.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(C, cfg.n_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(C, cfg.n_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * D, C, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: LayerCache, observe: Callable | None
+    ) -> Tensor:
+        """x: (B, T, C) -> (B, T, C). Appends this step's K/V to `cache` and attends over it."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.append(k, v, pos)
+        out = cache.attend(q, T)  # (B, Hq, T, D)
+        if observe is not None:  # after the layer's own attention: compression never changes this step
+            observe(q, pos, cache)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, F_, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, F_, bias=bias)
+        self.up_proj = nn.Linear(C, F_, bias=bias)
+        self.down_proj = nn.Linear(F_, C, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: LayerCache, observe) -> Tensor:  # noqa: ANN001
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observe)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """A decoder-only LM. `forward(ids, cache)` runs T new tokens against (and into) the cache."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return KVCache.for_model(self.cfg, batch, self.dtype, self.device)
+
+    def forward(
+        self,
+        ids: Tensor,
+        cache: KVCache,
+        *,
+        n_pad: Tensor | None = None,
+        observer: Observer | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Run new tokens through the model.
+
+        Args:
+            ids: (B, T) token ids, left-padded if rows differ in length.
+            cache: the KV cache; new K/V are appended and its position counter advances.
+            n_pad: (B,) left-padding tokens per row (prefill only); they get position -1.
+            observer: called after each layer's attention as observer(layer, q, q_pos, layer_cache).
+            last_only: return logits only for the last position, (B, 1, V).
+        Returns:
+            logits (B, T, V) (or (B, 1, V)) in the model's dtype.
+        """
+        B, T = ids.shape
+        pos = cache.next_positions(T, n_pad)  # (B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, pos.clamp(min=0), self.dtype)
+        x = self.model.embed_tokens(ids)
+        for i, (block, layer_cache) in enumerate(zip(self.model.layers, cache.layers, strict=True)):
+            observe = None if observer is None else (lambda q, p, lc, i=i: observer(i, q, p, lc))
+            x = block(x, cos, sin, pos, layer_cache, observe)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
