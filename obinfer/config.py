@@ -109,7 +109,9 @@ def _translate(raw: dict[str, Any]) -> dict[str, Any]:
     if model_type is None:
         raise ConfigError("config has no 'model_type' key")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"unsupported model_type {model_type!r}; obinfer runs {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ConfigError(
+            f"unsupported model_type {model_type!r}; obinfer runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise ConfigError(f"config is missing required key(s): {', '.join(missing)}")

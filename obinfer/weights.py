@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from obinfer.config import ModelConfig
 from obinfer.models.llama import Transformer, rope_inv_freq
@@ -44,11 +43,15 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if others:
         return [model_dir / n for n in others]
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
-        raise CheckpointError(f"{model_dir} has only pickled weights (.bin/.pt); obinfer loads safetensors only")
+        raise CheckpointError(
+            f"{model_dir} has only pickled weights (.bin/.pt); obinfer loads safetensors only"
+        )
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def read_state_dict(files: list[Path], dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    files: list[Path], dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
     """All tensors of the shards, cast to dtype on device."""
     state: dict[str, torch.Tensor] = {}
     for f in files:

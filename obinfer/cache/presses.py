@@ -1,0 +1,208 @@
+"""A press = policy + score + budget allocator, and the name grammar `[adakv-]<policy>[-<score>]`.
+
+    >>> press = make_press("adakv-snapkv-obk", compression_ratio=0.5)
+    >>> stats = GenStats()
+    >>> logits = model(ids, cache, observer=press.prefill_observer(stats))  # compresses layer by layer
+
+Budgets: `compression_ratio` (fraction removed per head, kvpress semantics) or `budget` (tokens kept
+per head). With a budget, decode-time policies (H2O, TOVA) also evict while decoding, so every head
+is back within its budget at the end of every step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from obinfer.cache import allocators
+from obinfer.cache.kv_cache import LayerCache
+from obinfer.cache.policies import INF, POLICIES, Policy, PressError
+from obinfer.cache.scores import SCORES, get_score
+
+ALLOCATORS = ("uniform", "adakv")
+
+
+@dataclass
+class Press:
+    policy: Policy
+    score: str = "attn"
+    allocator: str = "uniform"
+    compression_ratio: float | None = None
+    budget: int | None = None
+    alpha: float = 0.2  # AdaKV safeguard
+    min_safe: int = 0  # AdaKV: n_safe >= min_safe (1 matches kvpress)
+    gqa: str = "sum"
+    scoring_s: float = 0.0  # time spent scoring + compacting
+    bytes_before: int = 0  # K/V bytes of the layers just before their compression
+    head_budgets: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.compression_ratio is None) == (self.budget is None):
+            raise PressError("give exactly one of compression_ratio and budget")
+        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
+            raise PressError(f"compression ratio must be in [0, 1), got {self.compression_ratio}")
+        if self.budget is not None and self.budget < 1:
+            raise PressError(f"cache budget must be at least 1 token per head, got {self.budget}")
+        if self.allocator not in ALLOCATORS:
+            raise PressError(f"unknown allocator {self.allocator!r} (choose from {', '.join(ALLOCATORS)})")
+        self._score_fn = get_score(self.score)
+
+    @property
+    def name(self) -> str:
+        prefix = "adakv-" if self.allocator == "adakv" else ""
+        suffix = f"-{self.score}" if self.policy.uses_score and self.score != "attn" else ""
+        return f"{prefix}{self.policy.name}{suffix}"
+
+    def n_kept(self, n_valid: Tensor) -> Tensor:
+        """(B,) tokens kept per head for rows of n_valid (B,) tokens."""
+        if self.budget is not None:
+            return n_valid.clamp(max=self.budget)
+        return allocators.n_kept_for(n_valid, self.compression_ratio)
+
+    # ------------------------------------------------------------------ prefill
+    def compress_layer(self, idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
+        """Score the layer's slots with the prompt queries q (B, Hq, T, D) and keep the best."""
+        t0 = time.perf_counter()
+        self.bytes_before += layer.nbytes()
+        _, _, pos = layer.dense()
+        n_valid = (pos[:, 0] >= 0).sum(-1)  # (B,)
+        n_kept = self.n_kept(n_valid)
+        if bool((n_kept >= n_valid).all()) and layer.n_invalid == 0:
+            if self.decode_evicts:
+                self.policy.prefill_scores(q, q_pos, layer, self._score_fn, self.gqa, n_kept)  # accumulators
+                self.head_budgets[idx] = [self.budget] * layer.n_segments
+            self.scoring_s += time.perf_counter() - t0
+            return  # nothing to evict: identical to no press
+        scores = self.policy.prefill_scores(q, q_pos, layer, self._score_fn, self.gqa, n_kept)
+        if self.allocator == "adakv":
+            mask = allocators.adakv(scores, n_kept, self.alpha, self.min_safe)
+        else:
+            mask = allocators.uniform(scores, n_kept)
+        layer.keep([torch.nonzero(m, as_tuple=True)[0] for row in mask for m in row])
+        if self.decode_evicts:
+            self.head_budgets[idx] = [
+                max(L, self.budget) if self.allocator == "uniform" else L for L in layer.length
+            ]
+        self.scoring_s += time.perf_counter() - t0
+
+    def prefill_observer(self, stats: Any = None):  # noqa: ANN201
+        """An observer for `Transformer.forward` that compresses each layer right after its attention."""
+        self.scoring_s, self.bytes_before, self.head_budgets = 0.0, 0, {}
+
+        def observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
+            self.compress_layer(idx, q, q_pos, layer)
+            if stats is not None:
+                stats.scoring_s = self.scoring_s
+
+        return observe
+
+    # ------------------------------------------------------------------ decode
+    @property
+    def decode_evicts(self) -> bool:
+        """Decode-time eviction runs for H2O / TOVA when an absolute budget is given."""
+        return self.budget is not None and self.policy.decode_time
+
+    def evict_step(self, idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
+        """After a decode step: update scores and evict until each head is within its budget."""
+        t0 = time.perf_counter()
+        budgets = self.head_budgets.get(idx, [self.budget] * layer.n_segments)
+        scores = self.policy.decode_scores(q, q_pos, layer, self._score_fn, self.gqa)
+        _, _, pos = layer.dense()
+        seen = q_pos[:, -1] + 1
+        scores = self.policy.protect_decode(scores, pos, seen, self.budget).flatten(0, 1)
+        over = [i for i in range(layer.n_segments) if layer.length[i] > budgets[i]]
+        if len(over) == layer.n_segments and all(layer.length[i] == budgets[i] + 1 for i in over):
+            for i in over:  # the common case: one token in, one out, O(1) per head
+                L = layer.length[i]
+                layer.remove_slot(i, int(_argmin_first(scores[i, :L])))
+        elif over:
+            keep = []
+            for i in range(layer.n_segments):
+                L = layer.length[i]
+                top = torch.sort(scores[i, :L], descending=True, stable=True).indices[: budgets[i]]
+                keep.append(top.sort().values)
+            layer.keep(keep)
+        self.scoring_s += time.perf_counter() - t0
+
+    def decode_observer(self, stats: Any = None):  # noqa: ANN201
+        """An observer for decode steps (None when this press does not evict while decoding)."""
+        if not self.decode_evicts:
+            return None
+
+        def observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
+            self.evict_step(idx, q, q_pos, layer)
+            if stats is not None:
+                stats.scoring_s = self.scoring_s
+
+        return observe
+
+
+def _argmin_first(s: Tensor) -> Tensor:
+    """Index of the lowest score; ties -> the lowest slot index."""
+    return torch.nonzero(s == s.min(), as_tuple=True)[0][0]
+
+
+def press_names() -> list[str]:
+    """Every valid press name: policies, with each score, and their AdaKV variants."""
+    names = ["full"]
+    for pname, cls in POLICIES.items():
+        variants = [pname] + ([f"{pname}-{s}" for s in SCORES if s != "attn"] if cls.uses_score else [])
+        names += variants + [f"adakv-{v}" for v in variants]
+    return names
+
+
+def parse_press_name(name: str) -> tuple[str, str, str]:
+    """`[adakv-]<policy>[-<score>]` -> (allocator, policy, score). Raises PressError listing valid names."""
+    rest, allocator = name, "uniform"
+    if rest.startswith("adakv-"):
+        rest, allocator = rest[len("adakv-") :], "adakv"
+    policy, _, score = rest.partition("-")
+    if policy not in POLICIES or (score and (score not in SCORES or not POLICIES[policy].uses_score)):
+        raise PressError(f"unknown press {name!r}; valid presses: {', '.join(press_names())}")
+    return allocator, policy, score or "attn"
+
+
+def make_press(
+    name: str,
+    *,
+    compression_ratio: float | None = None,
+    budget: int | None = None,
+    gqa: str = "sum",
+    alpha: float = 0.2,
+    **policy_options: Any,
+) -> Press | None:
+    """Build a press from its name; "full" (or "none") means no press and returns None.
+
+    Args:
+        policy_options: fields of the policy dataclass, e.g. window=32 for snapkv, normalize="visible"
+            for h2o, per_head=True for tova.
+    """
+    if name in ("full", "none"):
+        return None
+    allocator, policy, score = parse_press_name(name)
+    cls = POLICIES[policy]
+    try:
+        pol = cls(**policy_options)
+    except TypeError:
+        raise PressError(f"unknown option for {policy}: {', '.join(policy_options)}") from None
+    return Press(pol, score, allocator, compression_ratio, budget, alpha=alpha, gqa=gqa)
+
+
+def describe_presses() -> list[tuple[str, str]]:
+    """(name, one-line description) for `obinfer presses`."""
+    out = [("full", "no compression: the plain full cache")]
+    for name in press_names()[1:]:
+        allocator, policy, score = parse_press_name(name)
+        doc = (POLICIES[policy].__doc__ or "").strip().splitlines()[0]
+        how = f"{doc} Score: {score}." if POLICIES[policy].uses_score else doc
+        if allocator == "adakv":
+            how += " AdaKV head-wise budgets (alpha 0.2)."
+        out.append((name, how))
+    return out
+
+
+__all__ = ["INF", "Press", "PressError", "make_press", "parse_press_name", "press_names", "describe_presses"]
