@@ -63,7 +63,7 @@ def _save_tiny(kind: str, out: Path, seed: int = 0) -> Path:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     with torch.no_grad():  # larger weights than HF's 0.02 init, so attention is far from uniform
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.15)
     model.save_pretrained(out, safe_serialization=True)

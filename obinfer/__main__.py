@@ -1,0 +1,3 @@
+from obinfer.cli import main
+
+raise SystemExit(main())
