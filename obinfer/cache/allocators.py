@@ -1,0 +1,140 @@
+"""Budget allocators: turn per-slot scores into the slots each KV head keeps (docs/scores.md sections 1, 3).
+
+Input scores are (B, Hkv, n) float tensors, higher = keep, with ``+inf`` for protected slots (always
+kept) and ``-inf`` for invalid slots (never kept). Output is a (B, Hkv, n) bool keep-mask. Batch rows
+are independent.
+
+Ties are broken deterministically by a stable descending sort: the lower slot index wins (and, across
+heads in :func:`adakv`, the lower slot index first, then the lower head). Protected slots outrank every
+finite score; if a head has more protected slots than its budget, it keeps only ``n_kept`` of them, the
+lowest slot indices (policies that want the most recent ones must give them graded scores). kvpress
+scores its protected window ``max + 1`` and takes an unordered top-k, so which protected slots survive
+in that case is unspecified there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def n_kept_for(n_valid: Tensor | int, compression_ratio: float) -> Tensor | int:
+    """Tokens a head of ``n_valid`` tokens keeps at compression ratio ``cr`` (fraction removed).
+
+    ``int(n * (1 - cr))`` with Python's float truncation (kvpress: ``int(100 * (1 - 0.9)) == 9``), and at
+    least 1 when n >= 1 (kvpress's ``max(1, ...)``); 0 when n == 0.
+
+    Args:
+        n_valid: int or long tensor of any shape (e.g. (B,) valid tokens per row).
+        compression_ratio: in [0, 1].
+
+    Returns:
+        int, or long tensor of the same shape.
+    """
+    if not 0.0 <= compression_ratio <= 1.0:
+        raise ValueError(f"compression_ratio must be in [0, 1], got {compression_ratio}")
+    keep = 1.0 - compression_ratio
+    if isinstance(n_valid, int):
+        return max(1, int(n_valid * keep)) if n_valid >= 1 else 0
+    n = n_valid.long()
+    kept = torch.floor(n.double() * keep).long()  # same IEEE float64 product as Python, then truncate
+    return torch.where(n >= 1, kept.clamp_min(1), torch.zeros_like(n))
+
+
+def _check(scores: Tensor) -> None:
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be (B, Hkv, n), got shape {tuple(scores.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+
+
+def _budget(n_kept: Tensor | int, B: int, device: torch.device) -> Tensor:
+    """n_kept as a long tensor of shape (B, 1) or (B, Hkv) broadcastable against (B, Hkv)."""
+    t = torch.as_tensor(n_kept, dtype=torch.long, device=device)
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != B:
+        raise ValueError(f"n_kept must be an int, (B,) or (B, Hkv) with B={B}; got shape {tuple(t.shape)}")
+    if (t < 0).any():
+        raise ValueError("n_kept must be >= 0")
+    return t
+
+
+def _top_mask(scores: Tensor, budget: Tensor) -> Tensor:
+    """Keep the top ``budget`` entries along the last dim (never -inf); stable, lower index wins.
+
+    Args:
+        scores: (..., m) float.
+        budget: long, broadcastable to scores.shape[:-1].
+
+    Returns:
+        (..., m) bool mask.
+    """
+    vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    keep_sorted = (rank < budget[..., None]) & (vals > NEG_INF)
+    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
+
+
+def uniform(scores: Tensor, n_kept: Tensor | int) -> Tensor:
+    """Every KV head keeps its own top ``n_kept`` slots (fewer if it has fewer valid slots).
+
+    Args:
+        scores: (B, Hkv, n) float, +inf protected, -inf invalid.
+        n_kept: int, (B,) long per row, or (B, Hkv) long per head.
+
+    Returns:
+        (B, Hkv, n) bool keep-mask.
+    """
+    _check(scores)
+    return _top_mask(scores, _budget(n_kept, scores.shape[0], scores.device))
+
+
+def adakv(scores: Tensor, n_kept: Tensor | int, alpha: float = 0.2, min_safe: int = 0) -> Tensor:
+    """AdaKV allocation (scores.md section 3): heads of a layer share one budget of Hkv * n_kept.
+
+    1. each head keeps its top ``n_safe = max(min_safe, int(n_kept * alpha))`` slots unconditionally
+       (protected +inf slots are among them when present);
+    2. over the whole row (all Hkv heads) the global top ``Hkv * n_kept`` slots are kept, safeguarded
+       ones first. Heads end up with different lengths.
+
+    ``min_safe=0`` follows the spec; ``min_safe=1`` matches kvpress (``max(1, int(alpha * n_kept))``).
+
+    Args:
+        scores: (B, Hkv, n) float, +inf protected, -inf invalid.
+        n_kept: int or (B,) long: the per-head budget of each row.
+        alpha: safeguard fraction in [0, 1].
+        min_safe: lower bound on n_safe.
+
+    Returns:
+        (B, Hkv, n) bool keep-mask; each row keeps min(Hkv * n_kept, valid slots) slots.
+    """
+    _check(scores)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    B, Hkv, n = scores.shape
+    budget = _budget(n_kept, B, scores.device)
+    if budget.shape[1] != 1:
+        raise ValueError("adakv takes one budget per row: n_kept must be an int or (B,)")
+    n_safe = torch.floor(budget.double() * alpha).long().clamp_min(min_safe)
+    safe = _top_mask(scores, n_safe)
+    boosted = scores.masked_fill(safe, float("inf"))
+    flat = boosted.transpose(1, 2).reshape(B, n * Hkv)  # slot-major: ties -> lower slot, then lower head
+    keep = _top_mask(flat, budget[:, 0] * Hkv)
+    return keep.reshape(B, n, Hkv).transpose(1, 2)
+
+
+def keep_indices(mask: Tensor) -> list[list[Tensor]]:
+    """Sorted kept slot indices per (row, head).
+
+    Args:
+        mask: (B, Hkv, n) bool keep-mask.
+
+    Returns:
+        ``out[b][h]``: 1-D long tensor of the kept slots of head h in row b, ascending.
+    """
+    return [[torch.nonzero(m, as_tuple=True)[0] for m in row] for row in mask]
