@@ -87,3 +87,64 @@ def tiny_dir(request, tiny_llama_dir, tiny_qwen_dir) -> Path:
 
 def read_config(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_tokenizer(model_dir: Path, vocab_size: int = 320) -> None:
+    """A byte-level BPE tokenizer (256 bytes + merges + 3 specials) that fits the tiny vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = ["The quick brown fox jumps over the lazy dog. What is the capital of France? Paris."] * 50
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": CHATML,
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+                "add_bos_token": False,
+                "model_max_length": 512,
+            }
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny llama checkpoint plus tokenizer files and a ChatML chat template."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny_chat") / "model"
+    shutil.copytree(tiny_llama_dir, out)
+    write_tiny_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted from its GGUF once per test session.
+
+    Reuses ./weights/smollm2-135m-instruct when it already exists (e.g. made by `obinfer generate`).
+    """
+    from obinfer.gguf_import import DEFAULT_MODEL_NAME, default_weights_dir, ensure_default_model
+
+    existing = default_weights_dir() / DEFAULT_MODEL_NAME
+    if (existing / "model.safetensors").is_file():
+        return existing
+    return ensure_default_model(tmp_path_factory.mktemp("weights"))

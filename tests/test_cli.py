@@ -1,0 +1,183 @@
+"""The CLI end to end on a tiny checkpoint, and a clear one-line error for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from obinfer.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_streams_text_and_stats(capsys, tiny_chat_dir):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "Hello",
+                         "--max-new-tokens", "5", "--stats")
+    assert code == 0, err
+    assert out.endswith("\n")
+    assert "new tokens         5" in err and "prefill" in err and "cache bytes" in err
+
+
+def test_generate_with_press_context_and_question(capsys, tiny_chat_dir, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--context-file", str(doc),
+                       "--question", "What jumps?", "--press", "adakv-snapkv-obk", "--compression-ratio", "0.5",
+                       "--max-new-tokens", "3", "--stats")
+    assert code == 0, err
+    assert "adakv-snapkv-obk" in err and "layer  0" in err
+    before, after = err.split("cache bytes")[1].split("\n")[0].split("before press ->")
+    assert float(after.split()[0]) < float(before.split()[0])
+
+
+def test_sampling_seed_is_reproducible(capsys, tiny_chat_dir):
+    args = ["generate", "--model", str(tiny_chat_dir), "--prompt", "Hi", "--max-new-tokens", "8",
+            "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed", "7", "--no-chat"]
+    _, a, _ = run(capsys, *args)
+    _, b, _ = run(capsys, *args)
+    assert a == b
+
+
+def test_presses_lists_every_name(capsys):
+    from obinfer.cache.presses import press_names
+
+    code, out, _ = run(capsys, "presses")
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == press_names()
+
+
+def test_help_explains_every_option():
+    out = subprocess.run([sys.executable, "-m", "obinfer", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for opt in ("--model", "--prompt", "--prompt-file", "--chat", "--max-new-tokens", "--temperature", "--top-p",
+                "--top-k", "--seed", "--dtype", "--device", "--stats", "--press", "--compression-ratio",
+                "--cache-budget", "--context-file", "--question", "--query-aware"):
+        assert opt in out.stdout
+
+
+def _bad_config(d):
+    (d / "config.json").write_text("{not json")
+
+
+def _unknown_type(d):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _missing_key(d):
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def _bin_only(d):
+    (d / "model.safetensors").rename(d / "pytorch_model.bin")
+
+
+def _corrupt_weights(d):
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+
+
+def _missing_tensor(d):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    del sd["model.layers.0.mlp.up_proj.weight"]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _wrong_shape(d):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    sd["model.norm.weight"] = torch.ones(3)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def _no_tokenizer(d):
+    (d / "tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "breaker, words",
+    [
+        (_bad_config, "malformed config"),
+        (_unknown_type, "unsupported model_type 'gpt2'"),
+        (_missing_key, "hidden_size"),
+        (_no_weights, "no model.safetensors"),
+        (_bin_only, "pickled"),
+        (_corrupt_weights, "cannot read"),
+        (_missing_tensor, "missing tensor(s): model.layers.0.mlp.up_proj.weight"),
+        (_wrong_shape, "model.norm.weight has shape (3,)"),
+        (_no_tokenizer, "tokenizer"),
+    ],
+)
+def test_bad_checkpoint_gives_one_line_error(capsys, tiny_chat_dir, tmp_path, breaker, words):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_chat_dir, d)
+    breaker(d)
+    code, _, err = run(capsys, "generate", "--model", str(d), "--prompt", "x", "--max-new-tokens", "1")
+    assert code == 2
+    assert err.startswith("obinfer: error:") and err.count("\n") == 1, err
+    assert words in err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--press", "snapkv-foo", "--compression-ratio", "0.5"], "unknown press 'snapkv-foo'; valid presses: full"),
+        (["--press", "snapkv", "--compression-ratio", "1.5"], "compression ratio must be in [0, 1)"),
+        (["--press", "snapkv", "--compression-ratio", "-0.1"], "compression ratio must be in [0, 1)"),
+        (["--press", "snapkv"], "needs --compression-ratio"),
+        (["--press", "h2o", "--cache-budget", "0"], "at least 1 token"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "file not found: /nonexistent/prompt.txt"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--press-opt", "window"], "KEY=VALUE"),
+        (["--press", "snapkv", "--compression-ratio", "0.5", "--press-opt", "colour=red"], "unknown option"),
+    ],
+)
+def test_bad_arguments_give_one_line_error(capsys, tiny_chat_dir, extra, words):
+    argv = ["generate", "--model", str(tiny_chat_dir), "--max-new-tokens", "2", *extra]
+    if "--prompt-file" not in extra:
+        argv += ["--prompt", "x" * 200]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.startswith("obinfer: error:") and err.count("\n") == 1, err
+    assert words in err
+
+
+def test_missing_model_dir(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert code == 2 and "model not found" in err
+
+
+def test_prompt_longer_than_context(capsys, tiny_chat_dir):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "dog " * 700, "--no-chat")
+    assert code == 2 and "the model's context is 512 tokens" in err
+
+
+def test_snapkv_prompt_shorter_than_window(capsys, tiny_chat_dir):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "hi", "--press", "snapkv",
+                       "--compression-ratio", "0.5", "--no-chat")
+    assert code == 2 and "longer than its window" in err
+
+
+def test_gguf_path_as_model_is_explained(capsys, tmp_path):
+    f = tmp_path / "x.gguf"
+    f.write_bytes(b"GGUF")
+    code, _, err = run(capsys, "generate", "--model", str(f), "--prompt", "x")
+    assert code == 2 and "convert-gguf" in err
