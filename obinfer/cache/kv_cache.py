@@ -137,7 +137,7 @@ class LayerCache:
             self.v = v.reshape(B * H * T, D).to(self.v.dtype).clone()
             self.pos = pos[:, None, :].expand(B, H, T).reshape(-1).clone()
             self.start, self.length, self.cap = [i * T for i in range(B * H)], [T] * (B * H), [T] * (B * H)
-            self.acc = {name: torch.zeros(B * H * T) for name in self.acc}
+            self.acc = {name: torch.zeros(B * H * T, device=self.k.device) for name in self.acc}
             self.n_invalid = int((pos < 0).sum()) * H
             return
         if any(L + T > c for L, c in zip(self.length, self.cap, strict=True)):
@@ -191,6 +191,7 @@ class LayerCache:
         """Evict one slot of segment i in O(1): its last slot moves into the freed one."""
         s, L = self.start[i], self.length[i]
         last = s + L - 1
+        self.n_invalid -= int(self.pos[s + slot] < 0)
         if slot != L - 1:
             for buf in (self.k, self.v, self.pos, *self.acc.values()):
                 buf[s + slot] = buf[last]

@@ -1,0 +1,385 @@
+"""Invariants of obinfer.cache.kv_cache: storage, positions, ragged attention, memory, fork/snapshot.
+
+B = 2 rows and 3 KV heads everywhere, with different contents per (row, head), so that a transposed
+row/head shows up. References are explicit float64 loops, never the code under test.
+"""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+import torch
+
+from obinfer.cache import kv_cache
+from obinfer.cache.kv_cache import KVCache, LayerCache
+from obinfer.cache.presses import make_press
+from obinfer.weights import load_model
+
+B, H, G, D = 2, 3, 2, 8  # rows, KV heads, query heads per KV head, head dim
+
+
+def test_module_docstring_example_runs():
+    result = doctest.testmod(kv_cache, extraglobs={"torch": torch})
+    assert result.attempted >= 5 and result.failed == 0
+
+
+# ---------------------------------------------------------------- storage invariants
+class Tokens:
+    """Every appended token of every (row, head) gets a unique id, written into k[..., 0].
+
+    The test remembers each id's k, v, position, owner (row, head) and expected accumulator value, so
+    any slot of the cache can be checked against what was appended for it.
+    """
+
+    def __init__(self) -> None:
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.pos: dict[int, int] = {}
+        self.owner: dict[int, tuple[int, int]] = {}
+        self.acc: dict[int, float] = {}
+        self.next = 1
+        self.g = torch.Generator().manual_seed(0)
+
+    def new(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, H, T, D) for positions pos (B, T); ids in k[..., 0]."""
+        T = pos.shape[1]
+        k = torch.randn(B, H, T, D, generator=self.g)
+        v = torch.randn(B, H, T, D, generator=self.g)
+        for b in range(B):
+            for h in range(H):
+                for t in range(T):
+                    i = self.next
+                    self.next += 1
+                    k[b, h, t, 0] = i
+                    self.k[i], self.v[i], self.pos[i] = k[b, h, t].clone(), v[b, h, t].clone(), int(pos[b, t])
+                    self.owner[i], self.acc[i] = (b, h), 0.0
+        return k, v
+
+
+def ids_of(layer: LayerCache) -> list[list[int]]:
+    """Token ids per segment, in slot order."""
+    return [layer.segment(i)[0][:, 0].long().tolist() for i in range(layer.n_segments)]
+
+
+def check(layer: LayerCache, tok: Tokens, expected: list[list[int]] | None = None) -> None:
+    """Every slot's k, v, position and accumulator belong to the token whose id it holds."""
+    acc = layer.accumulator("a")
+    for i, ids in enumerate(ids_of(layer)):
+        b, h = divmod(i, H)
+        k, v, pos = layer.segment(i)
+        s = layer.start[i]
+        for slot, t in enumerate(ids):
+            assert tok.owner[t] == (b, h), f"segment {i} holds a token of {tok.owner[t]}"
+            assert torch.equal(k[slot], tok.k[t]) and torch.equal(v[slot], tok.v[t])
+            assert int(pos[slot]) == tok.pos[t]
+            assert float(acc[s + slot]) == pytest.approx(tok.acc[t])
+        if expected is not None:
+            assert ids == expected[i]
+    assert layer.lengths() == [[len(x) for x in ids_of(layer)[b * H : (b + 1) * H]] for b in range(B)]
+    assert layer.n_invalid == sum(int((layer.segment(i)[2] < 0).sum()) for i in range(layer.n_segments))
+    # dense(): same contents, padded with pos -1 beyond each segment's length
+    k, v, pos = layer.dense()
+    a = layer.acc_dense("a")
+    for i in range(layer.n_segments):
+        b, h = divmod(i, H)
+        ks, vs, ps = layer.segment(i)
+        L = len(ps)
+        assert (
+            torch.equal(k[b, h, :L], ks) and torch.equal(v[b, h, :L], vs) and torch.equal(pos[b, h, :L], ps)
+        )
+        assert (pos[b, h, L:] == -1).all()
+        assert torch.equal(a[b, h, :L], acc[layer.start[i] : layer.start[i] + L])
+
+
+def add_acc(layer: LayerCache, tok: Tokens, f) -> None:  # noqa: ANN001
+    """Add f(id) to every slot's accumulator through the dense-layout API."""
+    _, _, pos = layer.dense()
+    vals = torch.zeros(pos.shape)
+    for i, ids in enumerate(ids_of(layer)):
+        b, h = divmod(i, H)
+        for slot, t in enumerate(ids):
+            vals[b, h, slot] = f(t)
+            tok.acc[t] += f(t)
+    layer.add_to_accumulator("a", vals)
+
+
+def test_positions_from_counter_with_left_padding():
+    cache = KVCache.empty(1, B, H, D)
+    pos = cache.next_positions(6, n_pad=torch.tensor([2, 0]))
+    assert pos.tolist() == [[-1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert cache.seen.tolist() == [4, 6]  # pads do not advance the counter
+    tok = Tokens()
+    cache.layers[0].append(*tok.new(pos), pos)
+    cache.layers[0].keep([torch.tensor([0, 5])] * (B * H))  # lengths now 2: the counter is unaffected
+    assert cache.next_positions(2).tolist() == [[4, 5], [6, 7]]
+    assert cache.seen.tolist() == [6, 8]
+
+
+def test_append_keep_remove_keep_slots_together():
+    cache = KVCache.empty(1, B, H, D)
+    layer, tok = cache.layers[0], Tokens()
+    layer.accumulator("a")  # created before the first fill: must be sized by it
+    pos = cache.next_positions(7, n_pad=torch.tensor([2, 0]))
+    layer.append(*tok.new(pos), pos)
+    check(layer, tok)
+    assert layer.is_uniform() and layer.n_invalid == 2 * H
+    add_acc(layer, tok, lambda t: 0.5 * t + 1)
+    check(layer, tok)
+
+    # ragged keep: different lengths per segment, arbitrary order, a pad slot kept in row 0
+    g = torch.Generator().manual_seed(1)
+    slots = [torch.randperm(7, generator=g)[: 2 + i % 4] for i in range(B * H)]
+    slots[0] = torch.tensor([6, 0, 3])  # slot 0 of row 0 is left padding
+    before = ids_of(layer)
+    layer.keep(slots)
+    check(layer, tok, [[before[i][s] for s in slots[i].tolist()] for i in range(B * H)])
+    assert not layer.is_uniform()
+    assert layer.nbytes() == sum(len(s) for s in slots) * 2 * D * 4  # exactly the kept slots
+
+    # append to the ragged layout (grows every segment), then accumulate in the ragged layout
+    before = ids_of(layer)
+    pos = cache.next_positions(3)
+    layer.append(*tok.new(pos), pos)
+    new_ids = ids_of(layer)
+    check(layer, tok, [before[i] + new_ids[i][-3:] for i in range(B * H)])
+    new_pos = [[tok.pos[t] for t in new_ids[i][-3:]] for i in (0, H)]
+    assert new_pos == [[5, 6, 7], [7, 8, 9]]  # row 0 had 2 pads: its counter is 2 behind
+    add_acc(layer, tok, lambda t: float(t % 7))
+    check(layer, tok)
+
+    # remove_slot: middle, first and last slots; the segment keeps every other token
+    for i, slot in [(0, 2), (1, 0), (4, -1), (5, 1)]:
+        before = ids_of(layer)[i]
+        slot = slot % len(before)
+        layer.remove_slot(i, slot)
+        assert sorted(ids_of(layer)[i]) == sorted(before[:slot] + before[slot + 1 :])
+        check(layer, tok)
+    layer.remove_slot(0, ids_of(layer)[0].index(next(t for t in ids_of(layer)[0] if tok.pos[t] < 0)))
+    check(layer, tok)  # the pad slot is gone and n_invalid follows
+
+    # append after removals (no reallocation needed), then a uniform keep
+    pos = cache.next_positions(1)
+    layer.append(*tok.new(pos), pos)
+    check(layer, tok)
+    before = ids_of(layer)
+    slots = [torch.tensor([len(x) - 1, 0]) for x in before]
+    layer.keep(slots)
+    check(layer, tok, [[x[-1], x[0]] for x in before])
+    assert layer.is_uniform() and layer.nbytes() == B * H * 2 * 2 * D * 4
+    pos = cache.next_positions(2)
+    layer.append(*tok.new(pos), pos)  # the uniform append path after a keep
+    check(layer, tok)
+    assert layer.is_uniform()
+
+
+def test_keep_rejects_bad_input():
+    cache = KVCache.empty(1, B, H, D)
+    pos = cache.next_positions(4)
+    cache.layers[0].append(*Tokens().new(pos), pos)
+    with pytest.raises(ValueError, match="index tensors"):
+        cache.layers[0].keep([torch.tensor([0])])
+    with pytest.raises(IndexError, match="out of range"):
+        cache.layers[0].keep([torch.tensor([4])] * (B * H))
+
+
+# ---------------------------------------------------------------- attention vs a loop reference
+def reference_attention(q: torch.Tensor, old: list, new: list) -> torch.Tensor:
+    """Slow float64 attention, one (row, query head, query) at a time.
+
+    Args:
+        q: (B, Hq, T, D) new queries.
+        old: old[i] = (k (L, D), v (L, D), pos (L,)) slots of segment i before this step.
+        new: new[i] = (k (T, D), v (T, D), pos (T,)) the T new tokens of segment i, in order.
+    Query t sees the valid old slots and new tokens 0..t that are valid, and always itself.
+    """
+    Bq, Hq, T, _ = q.shape
+    out = torch.zeros(Bq, Hq, T, D, dtype=torch.float64)
+    for b in range(Bq):
+        for hq in range(Hq):
+            i = b * H + hq // G
+            for t in range(T):
+                keys, vals = [], []
+                for kk, vv, pp in zip(*old[i], strict=True):
+                    if pp >= 0:
+                        keys.append(kk), vals.append(vv)
+                for j in range(t + 1):
+                    if new[i][2][j] >= 0 or j == t:
+                        keys.append(new[i][0][j]), vals.append(new[i][1][j])
+                qd = q[b, hq, t].double()
+                logits = torch.stack([qd @ kk.double() for kk in keys]) / math.sqrt(D)
+                w = torch.softmax(logits, 0)
+                out[b, hq, t] = sum(wi * vv.double() for wi, vv in zip(w, vals, strict=True))
+    return out
+
+
+def segments(layer: LayerCache) -> list:
+    return [tuple(x.clone() for x in layer.segment(i)) for i in range(layer.n_segments)]
+
+
+def step(cache: KVCache, T: int, g: torch.Generator, n_pad: torch.Tensor | None = None) -> None:
+    """Append T random tokens and compare `attend` with the reference."""
+    layer = cache.layers[0]
+    old = segments(layer)
+    pos = cache.next_positions(T, n_pad)
+    k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    q = torch.randn(B, H * G, T, D, generator=g)
+    layer.append(k, v, pos)
+    new = [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)]
+    out = layer.attend(q, T)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.double(), reference_attention(q, old, new), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pads", [False, True])
+def test_uniform_attention_matches_reference(pads):
+    g = torch.Generator().manual_seed(2)
+    cache = KVCache.empty(1, B, H, D)
+    step(cache, 6, g, torch.tensor([2, 0]) if pads else None)  # prefill: SDPA causal or masked
+    assert cache.layers[0].is_uniform()
+    step(cache, 1, g)  # decode: fast path without mask (or masked when pads are stored)
+    step(cache, 3, g)  # a block after a prefix: causal within the new block
+    assert cache.layers[0].is_uniform()
+
+
+@pytest.mark.parametrize("pads", [False, True])
+@pytest.mark.parametrize("T", [1, 4])
+def test_ragged_attention_matches_reference(T, pads):
+    g = torch.Generator().manual_seed(3 + T)
+    cache = KVCache.empty(1, B, H, D)
+    step(cache, 7, g, torch.tensor([3, 0]) if pads else None)
+    layer = cache.layers[0]
+    # different lengths per (row, head); row 0 keeps pad slots 0, 1 (head 0) and 2 (head 1) when padded
+    layer.keep([torch.tensor(s) for s in ([0, 1, 4, 6], [2, 5], [6], [0, 2, 3, 4, 5, 6], [1, 3], [5, 6])])
+    assert not layer.is_uniform() and layer.n_invalid == (3 if pads else 0)
+    step(cache, T, g)
+    step(cache, T, g)  # again, after the append grew the segments
+    assert not layer.is_uniform()
+
+
+# ---------------------------------------------------------------- memory accounting
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nbytes_follows_kept_tokens(dtype):
+    cache = KVCache.empty(2, B, H, D, dtype=dtype)
+    pos = cache.next_positions(40)
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for layer in cache.layers:
+        layer.append(torch.randn(B, H, 40, D), torch.randn(B, H, 40, D), pos)
+        assert layer.nbytes() == B * H * 40 * 2 * D * esize
+    cache.layers[0].keep([torch.arange(0, 40, 2)] * (B * H))  # uniform: 20 per head
+    ragged = [torch.arange(n) for n in (3, 37, 20, 20, 1, 39)]  # AdaKV-like: same total, uneven heads
+    cache.layers[1].keep(ragged)
+    assert cache.layers[0].nbytes() == B * H * 20 * 2 * D * esize
+    assert cache.layers[1].nbytes() == 120 * 2 * D * esize  # not 6 x 39 (the longest head)
+    assert cache.nbytes() == cache.n_tokens() * 2 * D * esize
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv-snapkv", "adakv-snapkv-obk"])
+def test_press_on_model_frees_memory(tiny_llama_dir, name):
+    model = load_model(tiny_llama_dir)
+    cfg = model.cfg
+    n, r = 160, 0.5
+    ids = torch.randint(3, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(4))
+    full = model.new_cache()
+    model(ids, full)
+    cache = model.new_cache()
+    model(ids, cache, observer=make_press(name, compression_ratio=r).prefill_observer())
+    per_token = 2 * cfg.head_dim * 4  # K and V of one token in one KV head, float32
+    assert full.nbytes() == n * cfg.n_layers * cfg.n_kv_heads * per_token
+    assert cache.n_tokens() == cfg.n_layers * cfg.n_kv_heads * int(n * (1 - r))  # layer totals (AdaKV too)
+    assert abs(cache.nbytes() - cache.n_tokens() * per_token) <= 0.05 * cache.n_tokens() * per_token
+    assert cache.nbytes() == pytest.approx((1 - r) * full.nbytes(), rel=0.05)
+    lengths = {L for layer in cache.layers for L in layer.length}
+    assert (len(lengths) > 1) == name.startswith("adakv")  # ragged heads for AdaKV
+
+
+# ---------------------------------------------------------------- positions on the model
+@torch.inference_mode()
+def test_positions_after_eviction_use_the_counter(tiny_llama_dir):
+    """After eviction the next token is rotated at position n (the counter), not at a segment length."""
+    model = load_model(tiny_llama_dir)
+    n = 50
+    ids = torch.randint(3, model.cfg.vocab_size, (1, n + 1), generator=torch.Generator().manual_seed(5))
+    full = model.new_cache()
+    ref_logits = model(ids, full)[:, -1]
+    k_full = full.layers[0].dense()[0]  # (1, Hkv, n + 1, D); layer-0 keys depend on token and position only
+
+    cache = model.new_cache()
+    model(ids[:, :n], cache)
+    for layer in cache.layers:  # keep everything, in reversed slot order: attention must not change
+        layer.keep([torch.arange(n - 1, -1, -1)] * layer.n_segments)
+    torch.testing.assert_close(model(ids[:, n:], cache)[:, -1], ref_logits, atol=1e-5, rtol=1e-5)
+
+    cache = model.new_cache()
+    model(ids[:, :n], cache)
+    for layer in cache.layers:  # ragged eviction: heads keep 10 and 23 tokens
+        layer.keep([torch.arange(0, n, 5), torch.arange(0, n, 2)[2:]])
+    model(ids[:, n:], cache)
+    assert cache.seen.tolist() == [n + 1]
+    for h in range(model.cfg.n_kv_heads):
+        k, _, pos = cache.layers[0].segment(h)
+        assert int(pos[-1]) == n
+        torch.testing.assert_close(k[-1], k_full[0, h, n], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(k[-1], k_full[0, h, len(pos) - 1], atol=1e-3)  # a length would differ
+
+
+# ---------------------------------------------------------------- fork, snapshot, truncate
+def filled_cache(seed: int = 6) -> KVCache:
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache.empty(2, B, H, D)
+    pos = cache.next_positions(8, n_pad=torch.tensor([1, 0]))
+    for layer in cache.layers:
+        layer.append(torch.randn(B, H, 8, D, generator=g), torch.randn(B, H, 8, D, generator=g), pos)
+        layer.add_to_accumulator("a", torch.rand(B, H, 8, generator=g))
+    cache.layers[1].keep([torch.arange(1 + i) for i in range(B * H)])  # layer 1 ragged
+    return cache
+
+
+def state(cache: KVCache) -> list:
+    out = [cache.seen.clone()]
+    for layer in cache.layers:
+        out += [*layer.dense(), layer.acc_dense("a").clone(), list(layer.length), layer.n_invalid]
+    return [x.clone() if isinstance(x, torch.Tensor) else x for x in out]
+
+
+def assert_same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
+def grow(cache: KVCache, T: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    pos = cache.next_positions(T)
+    for layer in cache.layers:
+        layer.append(torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g), pos)
+
+
+def test_fork_is_independent():
+    cache = filled_cache()
+    original = state(cache)
+    fork = cache.fork()
+    assert_same(state(fork), original)
+    grow(fork, 3, seed=7)
+    fork.layers[0].keep([torch.tensor([0])] * (B * H))
+    fork.layers[1].remove_slot(5, 0)
+    assert_same(state(cache), original)  # the original did not move
+    forked = state(fork)
+    grow(cache, 200, seed=8)  # forces a reallocation of the original
+    cache.layers[1].keep([torch.tensor([0])] * (B * H))
+    assert_same(state(fork), forked)
+
+
+@pytest.mark.parametrize("T", [2, 300])  # 300 > the reserve: the buffers are reallocated in between
+def test_snapshot_truncate_restores_exactly(T):
+    cache = filled_cache()
+    original = state(cache)
+    snap = cache.snapshot()
+    grow(cache, T, seed=9)
+    cache.truncate_to(*snap)
+    assert_same(state(cache), original)
+    grow(cache, 5, seed=10)  # appending after truncation == appending to an untouched copy
+    ref = filled_cache()
+    grow(ref, 5, seed=10)
+    assert_same(state(cache), state(ref))
