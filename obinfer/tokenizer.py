@@ -58,6 +58,7 @@ _TEMPLATE_TOKENS = (
     "mask_token",
 )
 DEFAULT_SENTINEL = "<<OBINFER_USER_TEXT>>"
+_SPACES = re.compile(r"\s*")
 
 
 class TokenizerError(ValueError):
@@ -571,9 +572,10 @@ class Tokenizer:
         self._added_ids = {a.content: a.id for a in added.values()}
         self._added_text = {a.id: a.content for a in added.values()}
         self._special_ids = {a.id for a in added.values() if a.special}
-        longest_first = sorted(added.values(), key=lambda a: -len(a.content))
-        self._added_re = _added_regex(longest_first)
-        self._added_order = [a.content for a in longest_first]  # regex group k+1 <-> token k
+        self._added = added
+        # plain alternation, longest first (capture groups would make Python's re scan ~1000x slower)
+        longest_first = sorted(added, key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, longest_first))) if added else None
         self._template_vars = dict(parts.template_tokens or {})
         self._template_vars.update({k: v for k in _TEMPLATE_TOKENS if (v := _token_text(config.get(k)))})
         bos_text = _token_text(config.get("bos_token"))
@@ -623,11 +625,17 @@ class Tokenizer:
             add_bos = self.add_bos and not (self._bos_text is not None and text.startswith(self._bos_text))
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
         pos = 0
-        if self._added_re is not None:
-            for m in self._added_re.finditer(text):
-                ids += self._backend.encode(text[pos : m.start()]) if m.start() > pos else []
-                ids.append(self._added_ids[self._added_order[m.lastindex - 1]])
-                pos = m.end()
+        for m in self._added_re.finditer(text) if self._added_re is not None else ():
+            start, end, token = m.start(), m.end(), self._added[m.group()]
+            if start < pos:  # inside whitespace an rstrip token swallowed
+                continue
+            while token.lstrip and start > pos and text[start - 1].isspace():
+                start -= 1
+            if token.rstrip:
+                end = _SPACES.match(text, end).end()
+            ids += self._backend.encode(text[pos:start]) if start > pos else []
+            ids.append(token.id)
+            pos = end
         if pos < len(text):
             ids += self._backend.encode(text[pos:])
         return ids
@@ -709,17 +717,6 @@ class Tokenizer:
     def __repr__(self) -> str:
         kind = type(self._backend).__name__.strip("_").replace("Backend", "")
         return f"Tokenizer({kind}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, stop_ids={sorted(self.stop_ids)})"
-
-
-def _added_regex(added: list[_Added]) -> re.Pattern | None:
-    """One alternation, longest token first, each token in its own group (absorbing spaces if l/rstrip)."""
-    if not added:
-        return None
-    alts = [
-        (r"\s*" if a.lstrip else "") + f"({re.escape(a.content)})" + (r"\s*" if a.rstrip else "")
-        for a in added
-    ]
-    return re.compile("|".join(alts))
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
