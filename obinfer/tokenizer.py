@@ -48,15 +48,7 @@ GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 _WHOLE_TEXT = r"[\s\S]+"  # no split: one piece per call
 # Chat-model end markers that stop generation whenever the vocabulary has them as added tokens.
 _END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
-_TEMPLATE_TOKENS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
+_TEMPLATE_TOKENS = tuple(f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 DEFAULT_SENTINEL = "<<OBINFER_USER_TEXT>>"
 _SPACES = re.compile(r"\s*")
 
@@ -114,6 +106,8 @@ def _added_token(entry: dict[str, Any], token_id: Any, default_special: bool = T
 
 
 class _Backend(Protocol):
+    size: int  # ids 0 .. size-1 belong to the backend (some may be holes or added tokens)
+
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def piece_id(self, piece: str) -> int | None: ...
@@ -153,6 +147,7 @@ class _BPEBackend:
         self._rank_to_id = rank_to_id
         self._normalize = normalize
         self._vocab = vocab
+        self.size = max(id_bytes) + 1
 
     def encode(self, text: str) -> list[int]:
         if self._normalize is not None:
@@ -183,13 +178,13 @@ class _SentencePieceBackend:
 
     def __init__(self, sp: Any) -> None:
         self.sp = sp
-        self._n = sp.get_piece_size()
+        self.size = sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text) if text else []
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if 0 <= i < self._n])
+        return self.sp.decode([i for i in ids if 0 <= i < self.size])
 
     def piece_id(self, piece: str) -> int | None:
         i = self.sp.piece_to_id(piece)
@@ -418,6 +413,8 @@ def _parse_tiktoken_model(path: Path, config_added: list[_Added]) -> _Parts:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError as e:
             raise TokenizerError(f"{path}: line {lineno} is not '<base64 token> <rank>'") from e
+    if len(set(ranks.values())) != len(ranks):
+        raise TokenizerError(f"{path}: two tokens share a rank")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise TokenizerError(f"{path}: {len(missing)} single bytes have no rank (e.g. byte {missing[0]})")
@@ -568,11 +565,9 @@ class Tokenizer:
     ) -> None:
         config, generation_config = config or {}, generation_config or {}
         self._backend = parts.backend
-        added = {a.content: a for a in parts.added}
-        self._added_ids = {a.content: a.id for a in added.values()}
+        self._added = added = {a.content: a for a in parts.added}
         self._added_text = {a.id: a.content for a in added.values()}
         self._special_ids = {a.id for a in added.values() if a.special}
-        self._added = added
         # plain alternation, longest first (capture groups would make Python's re scan ~1000x slower)
         longest_first = sorted(added, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, longest_first))) if added else None
@@ -587,30 +582,23 @@ class Tokenizer:
         self.stop_ids = self._stop_ids(config, generation_config)
         self.chat_template = chat_template
         self._compiled: Any = None
-        ids = list(self._added_text) + [i for i in (self.bos_id,) if i is not None]
-        self.vocab_size = max([*ids, self._backend_size() - 1]) + 1
-
-    def _backend_size(self) -> int:
-        b = self._backend
-        if isinstance(b, _SentencePieceBackend):
-            return b.sp.get_piece_size()
-        return max(b._id_bytes) + 1 if isinstance(b, _BPEBackend) and b._id_bytes else 0
+        self.vocab_size = max([*self._added_text, self._backend.size - 1]) + 1
 
     def _stop_ids(self, config: dict[str, Any], generation_config: dict[str, Any]) -> set[int]:
         stops: set[int] = set()
-        eos_text = _token_text(config.get("eos_token")) or self._template_vars.get("eos_token")
+        eos_text = self._template_vars.get("eos_token")
         if eos_text and (i := self.token_id(eos_text)) is not None:
             stops.add(i)
         eos = generation_config.get("eos_token_id")
         stops.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int))
-        stops.update(self._added_ids[m] for m in _END_MARKERS if m in self._added_ids)
+        stops.update(self._added[m].id for m in _END_MARKERS if m in self._added)
         return stops
 
     # -------------------------------------------------------------------------------------- ids <-> text
     def token_id(self, token: str) -> int | None:
         """The id of an added/special token or a vocabulary entry written as in the vocabulary, else None."""
-        if token in self._added_ids:
-            return self._added_ids[token]
+        if token in self._added:
+            return self._added[token].id
         return self._backend.piece_id(token)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -676,9 +664,9 @@ class Tokenizer:
         The text may start with the BOS token: encode it with ``add_bos=False`` (see `encode_chat`).
         """
         if self.chat_template is None:
-            if "<|start_header_id|>" in self._added_ids and "<|eot_id|>" in self._added_ids:
+            if "<|start_header_id|>" in self._added and "<|eot_id|>" in self._added:
                 return _llama3_chat(messages, add_generation_prompt)
-            if "<|im_start|>" in self._added_ids and "<|im_end|>" in self._added_ids:
+            if "<|im_start|>" in self._added and "<|im_end|>" in self._added:
                 return _chatml(messages, add_generation_prompt)
             raise TokenizerError("this tokenizer has no chat template and no known chat tokens; use raw text")
         if self._compiled is None:
@@ -719,6 +707,16 @@ class Tokenizer:
         return f"Tokenizer({kind}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, stop_ids={sorted(self.stop_ids)})"
 
 
+def _guarded(parse: Callable[..., _Parts], path: Path, *args: Any) -> _Parts:
+    """Run a file parser, turning a stray KeyError/TypeError/... on odd content into a TokenizerError."""
+    try:
+        return parse(path, *args)
+    except TokenizerError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError) as e:
+        raise TokenizerError(f"{path}: malformed content ({type(e).__name__}: {e})") from e
+
+
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     """Load the tokenizer of a checkpoint directory (see the module docstring for the supported files).
 
@@ -735,7 +733,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     parts = None
     if json_path.is_file():
         try:
-            parts = _parse_tokenizer_json(json_path)
+            parts = _guarded(_parse_tokenizer_json, json_path)
         except _Unsupported as e:
             if not model_path.is_file():
                 raise
@@ -744,8 +742,6 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         if not model_path.is_file():
             raise TokenizerError(f"{model_dir}: no tokenizer.json or tokenizer.model found")
         config_added = _config_added(config, config_path)
-        if _is_tiktoken_file(model_path):
-            parts = _parse_tiktoken_model(model_path, config_added)
-        else:
-            parts = _parse_sentencepiece(model_path, config_added)
+        parse = _parse_tiktoken_model if _is_tiktoken_file(model_path) else _parse_sentencepiece
+        parts = _guarded(parse, model_path, config_added)
     return Tokenizer(parts, config, generation_config, _chat_template_source(model_dir, config))

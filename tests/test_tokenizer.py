@@ -508,6 +508,11 @@ def test_errors_name_the_problem(built, tmp_path):
     (bad / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
     with pytest.raises(TokenizerError, match=r"tokenizer\.json"):
         load_tokenizer(bad)
+    data = json.loads((built["gpt2"] / "tokenizer.json").read_text())
+    data["model"]["vocab"]["Ġthe"] = "not an id"
+    (bad / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: malformed content"):
+        load_tokenizer(bad)
     (bad / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
     with pytest.raises(TokenizerError, match=r"tokenizer\.json.*WordPiece"):
         load_tokenizer(bad)
@@ -525,6 +530,9 @@ def test_errors_name_the_problem(built, tmp_path):
     junk.mkdir()
     (junk / "tokenizer.model").write_bytes(b"\x00\x01garbage\xff")
     with pytest.raises(TokenizerError, match=r"tokenizer\.model"):
+        load_tokenizer(junk)
+    (junk / "tokenizer.model").write_text("YQ== 0\nYg== 0\n")
+    with pytest.raises(TokenizerError, match=r"tokenizer\.model: two tokens share a rank"):
         load_tokenizer(junk)
     (junk / "tokenizer.model").write_text("YQ== 0\nnot-base64!! 1\n")
     with pytest.raises(TokenizerError, match=r"tokenizer\.model: line 2"):
