@@ -74,27 +74,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = args.model or ensure_default_model()
     g = torch.Generator().manual_seed(0)
-    print(f"model {model_dir}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{args.threads} threads")
+    print(
+        f"model {model_dir}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{args.threads} threads"
+    )
     print(f"{'dtype':9} {'measure':22} {'obinfer':>10} {'transformers':>13} {'ratio':>7}")
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        ob = load_model(model_dir, dtype=dtype)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-        hf.eval()
-        vocab = ob.cfg.vocab_size
-        for n in map(int, args.lengths.split(",")):
-            ids = torch.randint(100, vocab, (1, n), generator=g)
-            t_ob = timed(lambda ids=ids: ob_prefill(ob, ids), args.repeats)
-            t_hf = timed(lambda ids=ids: hf_prefill(hf, ids), args.repeats)
-            print(f"{dtype_name:9} {f'prefill {n} (tok/s)':22} {n / t_ob:10.0f} {n / t_hf:13.0f} {t_hf / t_ob:7.2f}")
-        ids = torch.randint(100, vocab, (1, args.decode_prompt), generator=g)
-        k = args.new_tokens
-        t_ob = timed(lambda: ob_decode(ob, ids, k), args.repeats) - timed(lambda: ob_prefill(ob, ids), args.repeats)
-        t_hf = timed(lambda: hf_decode(hf, ids, k), args.repeats) - timed(lambda: hf_prefill(hf, ids), args.repeats)
-        print(f"{dtype_name:9} {f'decode @{args.decode_prompt} (tok/s)':22} {k / t_ob:10.1f} {k / t_hf:13.1f} "
-              f"{t_hf / t_ob:7.2f}")
-        del ob, hf
+        bench_dtype(model_dir, dtype_name, args, g)
+
+
+def bench_dtype(model_dir, dtype_name: str, args: argparse.Namespace, g: torch.Generator) -> None:  # noqa: ANN001
+    """Print the prefill and decode rows of one dtype."""
+    import transformers
+
+    dtype = getattr(torch, dtype_name)
+    ob = load_model(model_dir, dtype=dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation="sdpa"
+    ).eval()
+    vocab = ob.cfg.vocab_size
+    for n in map(int, args.lengths.split(",")):
+        ids = torch.randint(100, vocab, (1, n), generator=g)
+        t_ob = timed(lambda: ob_prefill(ob, ids), args.repeats)  # noqa: B023
+        t_hf = timed(lambda: hf_prefill(hf, ids), args.repeats)  # noqa: B023
+        print(
+            f"{dtype_name:9} {f'prefill {n} (tok/s)':22} {n / t_ob:10.0f} {n / t_hf:13.0f} {t_hf / t_ob:7.2f}"
+        )
+    ids = torch.randint(100, vocab, (1, args.decode_prompt), generator=g)
+    k = args.new_tokens
+    t_ob = timed(lambda: ob_decode(ob, ids, k), args.repeats) - timed(
+        lambda: ob_prefill(ob, ids), args.repeats
+    )
+    t_hf = timed(lambda: hf_decode(hf, ids, k), args.repeats) - timed(
+        lambda: hf_prefill(hf, ids), args.repeats
+    )
+    label = f"decode @{args.decode_prompt} (tok/s)"
+    print(f"{dtype_name:9} {label:22} {k / t_ob:10.1f} {k / t_hf:13.1f} {t_hf / t_ob:7.2f}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ def resolve_model(model: str | None, weights_dir: str | None = None) -> Path:
 def load(model: str | None, dtype: str = "float32", device: str = "cpu", weights_dir: str | None = None):  # noqa: ANN201
     """(model, tokenizer, model_dir) for a --model argument."""
     from obinfer.tokenizer import load_tokenizer
-
     from obinfer.weights import load_model
 
     model_dir = resolve_model(model, weights_dir)
@@ -220,8 +219,9 @@ def print_stats(stats, press=None, file=sys.stderr) -> None:  # noqa: ANN001
     p(f"prefill            {stats.prefill_tok_s:.1f} tok/s ({stats.prefill_s:.2f} s)")
     p(f"decode             {stats.decode_tok_s:.1f} tok/s")
     p(
-        f"cache bytes        {_mib(stats.cache_bytes_full)} before press -> {_mib(stats.cache_bytes)} at the end"
+        f"cache bytes        {_mib(stats.cache_bytes_full)} before press -> {_mib(stats.cache_bytes_kept)} kept"
     )
+    p(f"cache bytes (end)  {_mib(stats.cache_bytes)} allocated after decoding")
     if press is not None:
         share = stats.scoring_s / stats.prefill_s if stats.prefill_s else 0.0
         p(

@@ -43,7 +43,8 @@ class GenStats:
     scoring_s: float = 0.0  # time spent by the press scoring and compacting
     decode_s: float = 0.0
     cache_bytes_full: int = 0  # K/V bytes right after prefill, before compression
-    cache_bytes: int = 0  # K/V bytes at the end
+    cache_bytes_kept: int = 0  # K/V bytes right after prefill (and compression)
+    cache_bytes: int = 0  # K/V bytes at the end (decoding grows the buffers in steps)
     kept_per_layer: list[tuple[int, float, int]] = field(default_factory=list)  # (min, mean, max) over heads
 
     @property
@@ -114,6 +115,7 @@ def stream(
     logits = model(ids, cache, n_pad=n_pad, observer=observer, last_only=True)[:, -1]
     stats.prefill_s = time.perf_counter() - t0
     stats.cache_bytes_full = getattr(press, "bytes_before", 0) or cache.nbytes()
+    stats.cache_bytes_kept = cache.nbytes()
     step_observer = press.decode_observer(stats) if press is not None else None
     if questions is not None:
         q_ids, q_pad = left_pad(questions)

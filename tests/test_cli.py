@@ -19,8 +19,17 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_generate_streams_text_and_stats(capsys, tiny_chat_dir):
-    code, out, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "Hello",
-                         "--max-new-tokens", "5", "--stats")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_chat_dir),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "5",
+        "--stats",
+    )
     assert code == 0, err
     assert out.endswith("\n")
     assert "new tokens         5" in err and "prefill" in err and "cache bytes" in err
@@ -29,9 +38,23 @@ def test_generate_streams_text_and_stats(capsys, tiny_chat_dir):
 def test_generate_with_press_context_and_question(capsys, tiny_chat_dir, tmp_path):
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--context-file", str(doc),
-                       "--question", "What jumps?", "--press", "adakv-snapkv-obk", "--compression-ratio", "0.5",
-                       "--max-new-tokens", "3", "--stats")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_chat_dir),
+        "--context-file",
+        str(doc),
+        "--question",
+        "What jumps?",
+        "--press",
+        "adakv-snapkv-obk",
+        "--compression-ratio",
+        "0.5",
+        "--max-new-tokens",
+        "3",
+        "--stats",
+    )
     assert code == 0, err
     assert "adakv-snapkv-obk" in err and "layer  0" in err
     before, after = err.split("cache bytes")[1].split("\n")[0].split("before press ->")
@@ -39,8 +62,24 @@ def test_generate_with_press_context_and_question(capsys, tiny_chat_dir, tmp_pat
 
 
 def test_sampling_seed_is_reproducible(capsys, tiny_chat_dir):
-    args = ["generate", "--model", str(tiny_chat_dir), "--prompt", "Hi", "--max-new-tokens", "8",
-            "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed", "7", "--no-chat"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_chat_dir),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "7",
+        "--no-chat",
+    ]
     _, a, _ = run(capsys, *args)
     _, b, _ = run(capsys, *args)
     assert a == b
@@ -56,11 +95,30 @@ def test_presses_lists_every_name(capsys):
 
 
 def test_help_explains_every_option():
-    out = subprocess.run([sys.executable, "-m", "obinfer", "generate", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "obinfer", "generate", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0
-    for opt in ("--model", "--prompt", "--prompt-file", "--chat", "--max-new-tokens", "--temperature", "--top-p",
-                "--top-k", "--seed", "--dtype", "--device", "--stats", "--press", "--compression-ratio",
-                "--cache-budget", "--context-file", "--question", "--query-aware"):
+    for opt in (
+        "--model",
+        "--prompt",
+        "--prompt-file",
+        "--chat",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--dtype",
+        "--device",
+        "--stats",
+        "--press",
+        "--compression-ratio",
+        "--cache-budget",
+        "--context-file",
+        "--question",
+        "--query-aware",
+    ):
         assert opt in out.stdout
 
 
@@ -140,7 +198,10 @@ def test_bad_checkpoint_gives_one_line_error(capsys, tiny_chat_dir, tmp_path, br
 @pytest.mark.parametrize(
     "extra, words",
     [
-        (["--press", "snapkv-foo", "--compression-ratio", "0.5"], "unknown press 'snapkv-foo'; valid presses: full"),
+        (
+            ["--press", "snapkv-foo", "--compression-ratio", "0.5"],
+            "unknown press 'snapkv-foo'; valid presses: full",
+        ),
         (["--press", "snapkv", "--compression-ratio", "1.5"], "compression ratio must be in [0, 1)"),
         (["--press", "snapkv", "--compression-ratio", "-0.1"], "compression ratio must be in [0, 1)"),
         (["--press", "snapkv"], "needs --compression-ratio"),
@@ -166,13 +227,26 @@ def test_missing_model_dir(capsys, tmp_path):
 
 
 def test_prompt_longer_than_context(capsys, tiny_chat_dir):
-    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "dog " * 700, "--no-chat")
+    code, _, err = run(
+        capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "dog " * 700, "--no-chat"
+    )
     assert code == 2 and "the model's context is 512 tokens" in err
 
 
 def test_snapkv_prompt_shorter_than_window(capsys, tiny_chat_dir):
-    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "hi", "--press", "snapkv",
-                       "--compression-ratio", "0.5", "--no-chat")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        str(tiny_chat_dir),
+        "--prompt",
+        "hi",
+        "--press",
+        "snapkv",
+        "--compression-ratio",
+        "0.5",
+        "--no-chat",
+    )
     assert code == 2 and "longer than its window" in err
 
 
