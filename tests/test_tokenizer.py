@@ -371,6 +371,18 @@ def test_sentencepiece_matches_sentencepiece(sp_dir):
     assert tok.decode(tok.encode("a</s>b")) == "<s>a</s>b"
 
 
+def test_unsupported_tokenizer_json_falls_back_to_tokenizer_model(sp_dir, tmp_path):
+    """Llama-2/Mistral ship a Metaspace tokenizer.json next to the SentencePiece model: use the model."""
+    (tmp_path / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (tmp_path / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": metaspace})
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    tok, ref = load_tokenizer(tmp_path), load_tokenizer(sp_dir)
+    assert not tok.add_bos and tok.encode("héllo 12") == ref.encode("héllo 12", add_bos=False)
+
+
 # --------------------------------------------------------------------------------------- chat templates
 def _conversations() -> list[list[dict[str, str]]]:
     return [
