@@ -83,10 +83,9 @@ class Press:
         else:
             mask = allocators.uniform(scores, n_kept)
         layer.keep([torch.nonzero(m, as_tuple=True)[0] for row in mask for m in row])
-        if self.decode_evicts:
-            self.head_budgets[idx] = [
-                max(L, self.budget) if self.allocator == "uniform" else L for L in layer.length
-            ]
+        if self.decode_evicts:  # uniform: the budget; AdaKV: the head's share, plus a short row's slack
+            H, slack = layer.n_kv_heads, (self.budget - n_kept).tolist()
+            self.head_budgets[idx] = [L + slack[i // H] for i, L in enumerate(layer.length)]
         self.scoring_s += time.perf_counter() - t0
 
     def prefill_observer(self, stats: Any = None):  # noqa: ANN201
