@@ -50,7 +50,6 @@ _WHOLE_TEXT = r"[\s\S]+"  # no split: one piece per call
 _END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>")
 _TEMPLATE_TOKENS = tuple(f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 DEFAULT_SENTINEL = "<<OBINFER_USER_TEXT>>"
-_SPACES = re.compile(r"\s*")
 
 
 class TokenizerError(ValueError):
@@ -619,8 +618,8 @@ class Tokenizer:
                 continue
             while token.lstrip and start > pos and text[start - 1].isspace():
                 start -= 1
-            if token.rstrip:
-                end = _SPACES.match(text, end).end()
+            while token.rstrip and end < len(text) and text[end].isspace():
+                end += 1
             ids += self._backend.encode(text[pos:start]) if start > pos else []
             ids.append(token.id)
             pos = end
