@@ -28,6 +28,15 @@ from obinfer.weights import load_model
 INF = math.inf
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_llama_dir):
     return load_model(tiny_llama_dir)
@@ -247,7 +256,10 @@ def test_budget_at_least_prompt_equals_no_press(model):
 
 # ================================================================ (d) decode-time eviction
 def weights64(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """Causal softmax(q k^T / sqrt(d)) in float64, one query at a time. q: (Hg, T, D), k: (S, D) -> (Hg, T, S)."""
+    """Causal softmax(q k^T / sqrt(d)) in float64, one query at a time.
+
+    q: (Hg, T, D) with positions q_pos (T,); k: (S, D) with positions k_pos (S,). Returns (Hg, T, S).
+    """
     Hg, T, D = q.shape
     out = torch.zeros(Hg, T, k.shape[0], dtype=torch.float64)
     for h in range(Hg):
