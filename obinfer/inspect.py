@@ -210,7 +210,7 @@ def find_text(pieces: Sequence[str], text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- JSON
 def _finite(x: float) -> float | None:
-    return round(x, 7) if math.isfinite(x) else None
+    return float(f"{x:.6g}") if math.isfinite(x) else None  # 6 significant digits
 
 
 def to_json(insp: Inspection, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -297,20 +297,27 @@ def _style_axis(ax: Any, insp: Inspection, span: tuple[int, int], n_layers: int,
     if b - a <= TOKEN_LABELS_MAX:
         ax.set_xticks(range(a, b))
         ax.set_xticklabels(
-            [_token_label(t) for t in insp.tokens[a:b]] if bottom else [], rotation=90, fontsize=5
+            [_token_label(t) for t in insp.tokens[a:b]] if bottom else [],
+            rotation=90,
+            fontsize=6 if b - a <= 50 else 5,
         )
     elif bottom:
         ax.set_xlabel("position", fontsize=7)
 
 
 def plot_inspection(
-    insp: Inspection, out: str | Path, span: tuple[int, int] | None = None, title: str | None = None
+    insp: Inspection,
+    out: str | Path,
+    span: tuple[int, int] | None = None,
+    title: str | None = None,
+    dpi: int = DPI,
 ) -> Path:
     """Write a PNG: rows = KV heads, columns = presses (+ their disagreement when there are two).
 
     Each panel is a layer x position raster of one KV head: dark = kept, light blue = kept because the
     policy always keeps it (window, last token), pale = evicted. Strips above each panel mark the sink
-    tokens, the observation window and the highlighted positions.
+    tokens, the observation window and the highlighted positions. Panel titles give the share of the
+    drawn (layer, position) cells kept (or, for the disagreement panel, kept by exactly one press).
     """
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -322,7 +329,7 @@ def plot_inspection(
     cols, width = len(views) + diff, span[1] - span[0]
     col_w = min(7.0, max(3.5, 0.11 * width)) if width <= TOKEN_LABELS_MAX else 6.0
     row_h = 0.7 + 0.05 * L + (0.5 if width <= TOKEN_LABELS_MAX else 0.0)
-    fig = Figure(figsize=(col_w * cols + 0.6, row_h * H + 1.1), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(col_w * cols + 0.6, row_h * H + 1.1), dpi=dpi, layout="constrained")
     axes = fig.subplots(H, cols, squeeze=False, sharex=True, sharey=True)
     extent = (span[0] - 0.5, span[1] - 0.5, L - 0.5, -0.5)
     for h in range(H):
@@ -350,7 +357,7 @@ def plot_inspection(
     )
     fig.suptitle(title or f"kept positions per layer and KV head ({insp.n} tokens)", fontsize=9)
     out = Path(out)
-    fig.savefig(out, dpi=DPI)
+    fig.savefig(out, dpi=dpi)
     return out
 
 
@@ -401,6 +408,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--highlight-text", help="mark the tokens of every occurrence of this text")
     p.add_argument("--span", help="draw only positions START:END (tokens become tick labels when short)")
     p.add_argument("--title", help="figure title")
+    p.add_argument("--dpi", type=int, default=DPI, help=f"PNG resolution (default {DPI})")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -441,7 +449,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     insp = Inspection(pieces, run_presses(model, ids, presses), sorted(highlight))
     _print_summary(insp)
     if args.out:
-        print(f"wrote {plot_inspection(insp, args.out, span, args.title)}", file=sys.stderr)
+        print(f"wrote {plot_inspection(insp, args.out, span, args.title, args.dpi)}", file=sys.stderr)
     if args.json_out:
         meta = {
             "model": str(model_dir),
