@@ -392,3 +392,16 @@ def test_snapshot_truncate_restores_exactly(T):
     ref = filled_cache()
     grow(ref, 5, seed=10)
     assert_same(state(cache), state(ref))
+
+
+def test_decoding_keeps_memory_close_to_tokens_held():
+    """After compression and 200 decode steps, allocated K/V stays within 6% + 16 slots per head of the held tokens."""
+    B, H, D = 2, 3, 8
+    layer = LayerCache(B, H, D, torch.float32, torch.device("cpu"))
+    layer.append(torch.randn(B, H, 300, D), torch.randn(B, H, 300, D), torch.arange(300).expand(B, 300))
+    layer.keep([torch.arange(0, 300, 3)] * (B * H))  # 100 slots per head, exact
+    assert layer.nbytes() == B * H * 100 * 2 * D * 4
+    for t in range(200):
+        layer.append(torch.randn(B, H, 1, D), torch.randn(B, H, 1, D), torch.full((B, 1), 300 + t))
+        held = sum(layer.length) * 2 * D * 4
+        assert layer.nbytes() <= held * 1.0625 + B * H * 16 * 2 * D * 4

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GROW = 128  # extra slots reserved per segment when a segment outgrows its capacity during decoding
+
+def headroom(length: int) -> int:
+    """Extra slots reserved when a segment of `length` slots outgrows its capacity while decoding.
+
+    Proportional (1/16, at least 16), so allocated memory stays within ~6% (+16 slots per head) of the
+    tokens held, and re-allocations are amortised: one copy per length/16 decoded tokens.
+    """
+    return max(16, length // 16)
 
 
 class LayerCache:
@@ -141,7 +148,9 @@ class LayerCache:
             self.n_invalid = int((pos < 0).sum()) * H
             return
         if any(L + T > c for L, c in zip(self.length, self.cap, strict=True)):
-            self._reallocate([max(c, L + T + GROW) for L, c in zip(self.length, self.cap, strict=True)])
+            self._reallocate(
+                [max(c, L + T + headroom(L + T)) for L, c in zip(self.length, self.cap, strict=True)]
+            )
         if self.is_uniform():
             L, c = self.length[0], self.cap[0]
             self.k.view(B, H, c, D)[:, :, L : L + T] = k
