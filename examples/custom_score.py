@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[list[tuple[int, float
             stop_ids=tok.stop_ids,
         )
         answer = tok.decode(list(out), skip_special=True).strip()
-        lo, mean, hi = stats.kept_per_layer[-1]  # tokens per KV head in the last layer
-        print(f"{name:20s} last layer keeps {lo}-{hi} tokens per head (mean {mean:.0f}); answer: {answer}")
+        lo, mean, hi = stats.kept_per_layer[-1]  # kept document tokens + question + answer, per KV head
+        print(
+            f"{name:20s} last layer holds {lo}-{hi} tokens per head (mean {mean:.0f}) after answering: {answer}"
+        )
         results[name] = (stats.kept_per_layer, answer)
     return results
 
