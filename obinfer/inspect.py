@@ -113,7 +113,7 @@ def _scores_by_position(press: Press, q: Tensor, q_pos: Tensor, layer: LayerCach
     out = torch.full((s.shape[0], n), -math.inf)
     valid = pos[0] >= 0
     for h in range(s.shape[0]):
-        out[h, pos[0, h][valid[h]]] = s[h][valid[h]].float().cpu()
+        out[h, pos[0, h][valid[h]].cpu()] = s[h][valid[h]].float().cpu()
     return out
 
 
