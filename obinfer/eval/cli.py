@@ -1,0 +1,216 @@
+"""CLI plug-in: ``obinfer eval``, ``obinfer report`` and ``obinfer fetch-essays``.
+
+    obinfer eval --presses full,snapkv,snapkv-obk --ratios 0.25,0.5,0.75 --tasks niah_single_1,vt \\
+        --length 2048 --samples 20 --out results/
+    obinfer eval ... --out results/ --resume          # continue an interrupted run
+    obinfer report results/ --per-task                # tables, comparisons, PNGs in results/plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from obinfer.cli import UserError, add_model_args, load
+
+DEFAULT_PRESSES = "full,snapkv,snapkv-obk"
+RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
+
+
+def _split(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"--{what} is empty")
+    return list(dict.fromkeys(items))
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in _split(text, what)]
+    except ValueError:
+        raise UserError(f"--{what} expects comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in _split(text, what)]
+    except ValueError:
+        raise UserError(f"--{what} expects comma-separated integers, got {text!r}") from None
+
+
+def _tasks(text: str) -> list[str]:
+    from obinfer.eval.tasks import TASKS
+
+    if text == "all":
+        return list(TASKS)
+    tasks = _split(text, "tasks")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UserError(f"unknown task(s) {', '.join(bad)}; valid tasks: all, {', '.join(TASKS)}")
+    return tasks
+
+
+def _check_run(out: Path, info: dict[str, Any], resume: bool) -> None:
+    """Refuse to resume a directory produced with another model, dtype, seed or chat setting."""
+    path = out / RUN_FILE
+    if resume and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in ("model", "dtype", "seed", "chat") if old.get(k) != info.get(k)]
+        if diff:
+            what = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in diff)
+            raise UserError(f"--resume on {out} with different settings ({what}); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from obinfer.eval.runner import EvalError
+
+    try:
+        _eval(args)
+    except EvalError as e:
+        raise UserError(str(e)) from None
+
+
+def _samples(
+    args: argparse.Namespace, out: Path, tasks: list[str], lengths: list[int], tok: Any
+) -> list[dict]:
+    from obinfer.eval.runner import count_tokens_fn, load_or_make_samples
+
+    count, samples = count_tokens_fn(tok), []
+    for length in lengths:
+        for task in tasks:
+            try:
+                samples += load_or_make_samples(
+                    out, task, length, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
+                )
+            except FileNotFoundError:
+                raise
+            except ValueError as e:  # e.g. a length too small for the task
+                raise UserError(str(e)) from None
+    return samples
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from obinfer.eval.runner import EvalConfig, run_eval
+
+    modes = ["aware"] if args.query_aware else _split(args.modes, "modes")
+    tasks, lengths = _tasks(args.tasks), _ints(args.length, "length")
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    presses, ratios = _split(args.presses, "presses"), _floats(args.ratios, "ratios")
+    cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill)  # validates
+    out = Path(args.out)
+    if (out / "results.jsonl").is_file() and not args.resume and (out / "results.jsonl").stat().st_size:
+        raise UserError(
+            f"{out / 'results.jsonl'} already exists: pass --resume to continue it, or another --out"
+        )
+    model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
+    cfg.model_name = Path(model_dir).name
+    chat = tok.has_chat_template if args.chat is None else args.chat
+    _check_run(
+        out, {"model": cfg.model_name, "dtype": args.dtype, "seed": args.seed, "chat": chat}, args.resume
+    )
+    samples = _samples(args, out, tasks, lengths, tok)
+    t0 = time.perf_counter()
+    rows = run_eval(model, tok, samples, cfg, out, resume=args.resume, progress=not args.no_progress)
+    print(f"{len(rows)} results in {out / 'results.jsonl'} ({time.perf_counter() - t0:.1f} s this run)")
+    print(f"tables and plots: obinfer report {out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from obinfer.eval.report import make_report
+
+    if args.bootstrap < 1:
+        raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    text, paths = make_report(
+        args.results, args.per_task, args.plots_dir, not args.no_plots, n_boot=args.bootstrap, seed=args.seed
+    )
+    print(text)
+    for p in paths:
+        print(f"wrote {p}", file=sys.stderr)
+
+
+def cmd_fetch_essays(args: argparse.Namespace) -> None:
+    from obinfer.eval.haystack import EssaysFetchError, fetch_essays
+
+    try:
+        print(fetch_essays(args.dest))
+    except EssaysFetchError as e:
+        raise UserError(str(e)) from None
+
+
+def _add_eval(sub: Any) -> None:
+    e = sub.add_parser(
+        "eval",
+        help="RULER-style evaluation of presses and compression ratios",
+        description="Generate (and cache) RULER samples, prefill each once, compress it with every press "
+        "and ratio, answer greedily and append scored rows to OUT/results.jsonl.",
+    )
+    add_model_args(e)
+    e.add_argument(
+        "--presses", default=DEFAULT_PRESSES, help=f"comma-separated press names (default {DEFAULT_PRESSES})"
+    )
+    e.add_argument(
+        "--ratios",
+        default="0.25,0.5,0.75",
+        help="compression ratios, fraction removed (default 0.25,0.5,0.75)",
+    )
+    e.add_argument("--tasks", default="all", help="comma-separated RULER tasks or 'all' (default: all 11)")
+    e.add_argument("--length", default="2048", help="max_seq_length in tokens; comma-separated for several")
+    e.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
+    e.add_argument("--seed", type=int, default=42, help="sample generation seed (default 42)")
+    e.add_argument(
+        "--modes", default="agnostic", help="agnostic and/or aware, comma-separated (default agnostic)"
+    )
+    e.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="compress with the question in the context (= --modes aware)",
+    )
+    e.add_argument("--out", default="results", help="results directory (default ./results)")
+    e.add_argument("--resume", action="store_true", help="continue OUT/results.jsonl, skipping finished rows")
+    e.add_argument(
+        "--reprefill",
+        action="store_true",
+        help="prefill again for every press (naive; for timing comparisons)",
+    )
+    e.add_argument("--max-new-tokens", type=int, help="cap the tasks' answer lengths (for quick runs)")
+    e.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="chat template (default: if the model has one)",
+    )
+    e.add_argument(
+        "--noise-fallback",
+        action="store_true",
+        help="essay tasks use the noise haystack if essays are missing",
+    )
+    e.add_argument("--essays-dir", help="where `obinfer fetch-essays` put the essays (default: its default)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+
+def add_commands(sub: Any) -> None:
+    """Register eval, report and fetch-essays on the main parser's subparsers."""
+    _add_eval(sub)
+    r = sub.add_parser("report", help="tables, OBCache-vs-baseline comparisons and plots of an eval run")
+    r.add_argument("results", help="results directory (or its results.jsonl)")
+    r.add_argument("--per-task", action="store_true", help="also one table per task")
+    r.add_argument("--plots-dir", help="where to write the PNGs (default RESULTS/plots)")
+    r.add_argument("--no-plots", action="store_true", help="tables only")
+    r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    r.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    r.set_defaults(func=cmd_report)
+    f = sub.add_parser(
+        "fetch-essays", help="download the Paul Graham essays used by the essay haystack tasks"
+    )
+    f.add_argument(
+        "--dest", help="target directory (default ~/.cache/obinfer/essays or $OBINFER_DATA/essays)"
+    )
+    f.set_defaults(func=cmd_fetch_essays)

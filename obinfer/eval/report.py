@@ -1,0 +1,386 @@
+"""Reports on a results directory written by the runner: tables, OBCache-vs-baseline tests, PNG plots.
+
+* Accuracy table: rows press, columns compression ratio, one table per (mode, length); a cell is the
+  RULER headline number, the mean over tasks of each task's mean string-match score (x100), with the
+  number of samples behind it. ``per_task=True`` adds one table per task.
+* Comparison: each OBCache variant (``<family>-obv/obk/obkv``) against its baseline (``<family>``,
+  the same policy and allocator with the attention score): paired bootstrap CI of the accuracy
+  difference on the same samples, per ratio and pooled over ratios (per-sample mean over the ratios,
+  so a sample counts once).
+* Plots (matplotlib, Agg canvas): accuracy against ratio with one line per press, each variant in its
+  baseline's colour with its own line style and marker, full cache as a horizontal line; needle depth x
+  length heatmaps for the single-needle niah tasks, full cache and per (press, ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.jsonl"
+FULL = "full"
+SCORE_STYLES: dict[str, tuple[Any, str]] = {  # score -> (line style, marker)
+    "attn": ("-", "o"),
+    "obv": ("--", "s"),
+    "obk": ("-.", "^"),
+    "obkv": (":", "D"),
+}
+OTHER_STYLE: tuple[Any, str] = ((0, (5, 1, 1, 1)), "v")
+DEPTH_BINS = 10  # needle depth bins of 10 percentage points
+
+Rows = list[dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------ reading
+def results_path(path: Path | str) -> Path:
+    """The results file: `path` itself, or ``path/results.jsonl`` for a directory."""
+    p = Path(path)
+    return p / RESULTS_FILE if p.is_dir() else p
+
+
+def read_results(path: Path | str, with_errors: bool = False) -> Any:
+    """Rows of a results JSONL file (or directory); lines that are not complete JSON objects are skipped.
+
+    Returns:
+        rows, or (rows, number of skipped lines) with ``with_errors``.
+    """
+    p = results_path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no results found at {p} (run `obinfer eval --out DIR` first)")
+    rows, bad = [], 0
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    return (rows, bad) if with_errors else rows
+
+
+# ------------------------------------------------------------------------------------------ names
+def split_press(name: str) -> tuple[str, str]:
+    """(family, score): ``adakv-snapkv-obk`` -> (``adakv-snapkv``, ``obk``); no suffix -> score ``attn``."""
+    prefix = "adakv-" if name.startswith("adakv-") else ""
+    policy, _, score = name[len(prefix) :].partition("-")
+    return prefix + policy, score or "attn"
+
+
+def press_order(names: Sequence[str]) -> list[str]:
+    """full first, then by policy, uniform before adakv, baseline before its obv/obk/obkv variants."""
+    scores = list(SCORE_STYLES)
+
+    def key(name: str) -> tuple:
+        family, score = split_press(name)
+        adakv = family.startswith("adakv-")
+        policy = family[len("adakv-") :] if adakv else family
+        rank = scores.index(score) if score in scores else len(scores)
+        return (name != FULL, policy, adakv, rank, score)
+
+    return sorted(set(names), key=key)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def accuracy(rows: Rows) -> tuple[float, int]:
+    """(mean over tasks of the task's mean score, x100; number of rows)."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(float(r["score"]))
+    means = [sum(v) / len(v) for v in by_task.values()]
+    return 100.0 * sum(means) / len(means), len(rows)
+
+
+def group(rows: Rows, per_task: bool = False) -> dict[tuple, dict[str, dict[float, Rows]]]:
+    """Rows by (mode, length[, task]) -> press -> ratio."""
+    out: dict[tuple, dict[str, dict[float, Rows]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for r in rows:
+        key = (r["mode"], int(r["length"])) + ((r["task"],) if per_task else ())
+        out[key][r["press"]][round(float(r["ratio"]), 6)].append(r)
+    return out
+
+
+def accuracy_grid(
+    rows: Rows, per_task: bool = False
+) -> dict[tuple, dict[str, dict[float, tuple[float, int]]]]:
+    """(mode, length[, task]) -> press -> ratio -> (accuracy %, samples)."""
+    return {
+        key: {p: {ratio: accuracy(rs) for ratio, rs in by_ratio.items()} for p, by_ratio in presses.items()}
+        for key, presses in group(rows, per_task).items()
+    }
+
+
+def format_table(title: str, cells: dict[str, dict[float, tuple[float, int]]]) -> str:
+    """One text table: rows press, columns ratio, cells ``accuracy (n)``."""
+    ratios = sorted({r for by_ratio in cells.values() for r in by_ratio})
+    names = press_order(list(cells))
+    width = max(len("press"), *(len(n) for n in names))
+    cell_w = 14
+    lines = [title, f"{'press':<{width}}  " + "".join(f"{f'ratio {r:g}':>{cell_w}}" for r in ratios)]
+    for name in names:
+        row = f"{name:<{width}}  "
+        for r in ratios:
+            c = cells[name].get(r)
+            row += f"{(f'{c[0]:.1f} ({c[1]})' if c else '-'):>{cell_w}}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def accuracy_tables(rows: Rows, per_task: bool = False) -> str:
+    """Every accuracy table as text (per (mode, length), then per task on request)."""
+    head = "accuracy % (mean over tasks of the per-task mean string-match score) and (samples)"
+    parts = [head]
+    for (mode, length), cells in sorted(accuracy_grid(rows).items()):
+        parts.append(format_table(f"\n== mode {mode}, length {length} ==", cells))
+    if per_task:
+        for (mode, length, task), cells in sorted(accuracy_grid(rows, per_task=True).items()):
+            parts.append(format_table(f"\n-- {task}: mode {mode}, length {length} --", cells))
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------- comparisons
+def _scores_by_sample(rows: Rows) -> dict[float, dict[tuple, float]]:
+    out: dict[float, dict[tuple, float]] = defaultdict(dict)
+    for r in rows:
+        out[round(float(r["ratio"]), 6)][(r["task"], int(r["index"]))] = float(r["score"])
+    return out
+
+
+def _compare(a: dict[tuple, float], b: dict[tuple, float], n_boot: int, seed: int) -> dict[str, Any] | None:
+    from obinfer.eval.metrics import paired_bootstrap_ci
+
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    diff, lo, hi = paired_bootstrap_ci([a[k] for k in keys], [b[k] for k in keys], n_boot=n_boot, seed=seed)
+    verdict = "better" if lo > 0 else "worse" if hi < 0 else "no clear difference"
+    return {"diff": 100 * diff, "lo": 100 * lo, "hi": 100 * hi, "n": len(keys), "verdict": verdict}
+
+
+def _pooled(va: dict[float, dict], vb: dict[float, dict], ratios: list[float]) -> tuple[dict, dict]:
+    """Per-sample mean over `ratios` for samples present at every ratio in both presses."""
+    common = set.intersection(*(set(va[r]) & set(vb[r]) for r in ratios))
+    mean = lambda d, k: sum(d[r][k] for r in ratios) / len(ratios)
+    return {k: mean(va, k) for k in common}, {k: mean(vb, k) for k in common}
+
+
+def compare_variants(rows: Rows, n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Each OBCache variant against its baseline, per (mode, length), per ratio and pooled ("all").
+
+    Returns:
+        Dicts {mode, length, variant, baseline, ratio (float or "all"), diff, lo, hi (accuracy points,
+        variant minus baseline, 95% paired bootstrap CI), n (paired samples), verdict}.
+    """
+    out = []
+    for (mode, length), presses in sorted(group(rows).items()):
+        by_press = {p: _scores_by_sample([r for rs in d.values() for r in rs]) for p, d in presses.items()}
+        for variant in press_order(list(presses)):
+            base, score = split_press(variant)
+            if variant == FULL or score == "attn" or base not in by_press:
+                continue
+            va, vb = by_press[variant], by_press[base]
+            ratios = sorted(set(va) & set(vb))
+            for ratio in [*ratios, "all"] if len(ratios) > 1 else ratios:
+                a, b = _pooled(va, vb, ratios) if ratio == "all" else (va[ratio], vb[ratio])
+                res = _compare(a, b, n_boot, seed)
+                if res is not None:
+                    out.append(
+                        {
+                            "mode": mode,
+                            "length": length,
+                            "variant": variant,
+                            "baseline": base,
+                            "ratio": ratio,
+                            **res,
+                        }
+                    )
+    return out
+
+
+def format_comparisons(comps: list[dict[str, Any]]) -> str:
+    if not comps:
+        return "no OBCache variant with its baseline in these results (e.g. snapkv and snapkv-obk)"
+    lines = [
+        "OBCache variant - baseline, accuracy points, paired bootstrap 95% CI ('all' = pooled over ratios)",
+        f"{'mode':<9}{'length':>7}  {'variant':<20}{'baseline':<16}{'ratio':>6}{'diff':>8}  {'95% CI':<18}{'n':>5}  verdict",
+    ]
+    for c in comps:
+        ratio = c["ratio"] if isinstance(c["ratio"], str) else f"{c['ratio']:g}"
+        ci = f"[{c['lo']:+.1f}, {c['hi']:+.1f}]"
+        lines.append(
+            f"{c['mode']:<9}{c['length']:>7}  {c['variant']:<20}{c['baseline']:<16}{ratio:>6}"
+            f"{c['diff']:>+8.1f}  {ci:<18}{c['n']:>5}  {c['verdict']}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _new_figure(w: float, h: float, layout: str | None = None):  # noqa: ANN202
+    """A matplotlib Figure on an Agg canvas (no pyplot, no global backend state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def press_style(name: str, families: Sequence[str]) -> dict[str, Any]:
+    """Line kwargs: colour from the press family, line style and marker from its score."""
+    from matplotlib import colormaps
+
+    family, score = split_press(name)
+    colours = colormaps["tab10"].colors
+    ls, marker = SCORE_STYLES.get(score, OTHER_STYLE)
+    return {"color": colours[list(families).index(family) % len(colours)], "linestyle": ls, "marker": marker}
+
+
+def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
+    """``accuracy_<mode>_<length>.png``: accuracy against compression ratio, one line per press."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (mode, length), cells in sorted(accuracy_grid(rows).items()):
+        fig = _new_figure(7, 4.5)
+        ax = fig.add_subplot()
+        names = press_order(list(cells))
+        families = list(dict.fromkeys(split_press(n)[0] for n in names if n != FULL))
+        for name in names:
+            pts = sorted(cells[name].items())
+            if name == FULL:
+                ax.axhline(pts[0][1][0], color="black", linestyle=":", label=f"full ({pts[0][1][0]:.1f})")
+                continue
+            ax.plot([r for r, _ in pts], [c[0] for _, c in pts], label=name, **press_style(name, families))
+        ax.set(xlabel="compression ratio (fraction of KV removed)", ylabel="accuracy (%)", ylim=(-2, 102))
+        ax.set_title(f"RULER accuracy, {mode} mode, length {length}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = out_dir / f"accuracy_{mode}_{length}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def depth_matrix(rows: Rows, lengths: Sequence[int]) -> list[list[float]]:
+    """Mean score x100 per (depth bin, length); NaN where no sample. Rows: bins of 10 points of depth."""
+    acc: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for r in rows:
+        b = min(int(float(r["depth"][0]) // (100 / DEPTH_BINS)), DEPTH_BINS - 1)
+        acc[(b, int(r["length"]))].append(float(r["score"]))
+    return [
+        [100 * sum(v) / len(v) if (v := acc.get((b, L))) else math.nan for L in lengths]
+        for b in range(DEPTH_BINS)
+    ]
+
+
+def _heatmap(ax: Any, rows: Rows, lengths: list[int], title: str, labels: bool) -> Any:
+    import numpy as np
+
+    m = np.ma.masked_invalid(np.array(depth_matrix(rows, lengths), dtype=float))
+    ax.set_facecolor("0.8")  # grey = no sample in that cell
+    im = ax.imshow(m, aspect="auto", cmap="RdYlGn", vmin=0, vmax=100, origin="upper")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths] if labels else [""] * len(lengths))
+    step = 100 // DEPTH_BINS
+    ax.set_yticks(
+        range(DEPTH_BINS),
+        [f"{b * step}-{(b + 1) * step}" for b in range(DEPTH_BINS)] if labels else [""] * DEPTH_BINS,
+    )
+    ax.set_title(title, fontsize=8)
+    return im
+
+
+def plot_depth_heatmaps(rows: Rows, out_dir: Path | str) -> list[Path]:
+    """``niah_depth_full_<mode>.png`` and ``niah_depth_presses_<mode>.png`` (presses x ratios grid).
+
+    Uses niah rows with a single needle depth (single, multikey_2/3); cells are mean scores per needle
+    depth bin (10 points) and context length.
+    """
+    out_dir = Path(out_dir)
+    niah = [r for r in rows if r["task"].startswith("niah") and len(r.get("depth") or []) == 1]
+    paths = []
+    for mode in sorted({r["mode"] for r in niah}):
+        mrows = [r for r in niah if r["mode"] == mode]
+        lengths = sorted({int(r["length"]) for r in mrows})
+        by_press = group(mrows)
+        cells: dict[tuple[str, float], Rows] = {}
+        for presses in by_press.values():
+            for p, by_ratio in presses.items():
+                for ratio, rs in by_ratio.items():
+                    cells.setdefault((p, ratio), []).extend(rs)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if (FULL, 0.0) in cells:
+            paths.append(_full_heatmap(cells[(FULL, 0.0)], lengths, mode, out_dir))
+        if any(p != FULL for p, _ in cells):
+            paths.append(_press_heatmaps(cells, lengths, mode, out_dir))
+    return paths
+
+
+def _full_heatmap(rows: Rows, lengths: list[int], mode: str, out_dir: Path) -> Path:
+    fig = _new_figure(1.5 + 0.9 * len(lengths), 4.5)
+    ax = fig.add_subplot()
+    im = _heatmap(ax, rows, lengths, f"full cache, {mode}: niah accuracy (%), grey = no data", labels=True)
+    ax.set(xlabel="context length (tokens)", ylabel="needle depth (%)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = out_dir / f"niah_depth_full_{mode}.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _press_heatmaps(
+    cells: dict[tuple[str, float], Rows], lengths: list[int], mode: str, out_dir: Path
+) -> Path:
+    names = press_order([p for p, _ in cells if p != FULL])
+    ratios = sorted({r for p, r in cells if p != FULL})
+    fig = _new_figure(1.5 + (0.6 + 0.5 * len(lengths)) * len(ratios), 1.0 + 1.9 * len(names), "constrained")
+    axes = fig.subplots(len(names), len(ratios), squeeze=False)
+    im = None
+    for i, name in enumerate(names):
+        for j, ratio in enumerate(ratios):
+            ax = axes[i][j]
+            rs = cells.get((name, ratio), [])
+            im = _heatmap(ax, rs, lengths, f"{name} @ {ratio:g}", labels=(j == 0 and i == len(names) - 1))
+    fig.suptitle(
+        f"niah accuracy (%) by needle depth (rows, %) x length (columns), {mode} mode; grey = no data",
+        fontsize=9,
+    )
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.6)
+    path = out_dir / f"niah_depth_presses_{mode}.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ driver
+def make_report(
+    results: Path | str,
+    per_task: bool = False,
+    plots_dir: Path | str | None = None,
+    plots: bool = True,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[str, list[Path]]:
+    """The report text (tables + comparisons) and the PNGs written (default ``<results>/plots``)."""
+    rows = read_results(results)
+    if not rows:
+        raise FileNotFoundError(f"{results_path(results)} holds no results yet")
+    text = "\n\n".join(
+        [accuracy_tables(rows, per_task), format_comparisons(compare_variants(rows, n_boot, seed))]
+    )
+    paths: list[Path] = []
+    if plots:
+        base = results_path(results).parent
+        pdir = Path(plots_dir) if plots_dir is not None else base / "plots"
+        paths = plot_accuracy(rows, pdir) + plot_depth_heatmaps(rows, pdir)
+    return text, paths

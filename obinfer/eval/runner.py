@@ -1,0 +1,448 @@
+"""RULER evaluation runner: kvpress's protocol, with one prefill per sample shared by every press.
+
+Protocol (docs/ruler.md section 1.6): the context is wrapped in the chat template's user turn and
+prefilled; the cache is compressed; then ``question + template suffix + answer prefix`` is fed at the
+positions that follow the *uncompressed* context, and the answer is decoded greedily (stop ids or
+``max_new_tokens``), post-processed and scored with RULER's string match. Without a chat template the
+context gets a BOS token and the question a ``"\\n"`` suffix, as in kvpress. In query-aware mode
+(``mode="aware"``) the question is appended to the context before compression and only the template
+suffix + answer prefix follow it.
+
+One prefill serves every press: compressing a layer never changes that layer's forward pass (the
+press runs after the layer's attention) and the next layer's input does not depend on the layer's cache.
+So the runner prefills once, recording each layer's queries (`QueryRecorder`), then for each
+(press, ratio) forks the full cache and runs exactly the press's prefill observer on the recorded
+queries, layer by layer. The result is the cache a press-in-the-loop prefill would have produced
+(tests/test_eval_runner.py checks the answers are identical). ``reprefill=True`` runs the naive
+loop (a fresh prefill per press) for timing comparisons.
+
+Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive,
+so an interrupted run loses nothing and ``resume=True`` continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from obinfer.cache.kv_cache import KVCache, LayerCache
+from obinfer.cache.presses import Press, make_press, parse_press_name
+from obinfer.eval.metrics import score_row
+from obinfer.eval.report import read_results
+from obinfer.generate import stream
+from obinfer.models.llama import Transformer
+
+MODES = ("agnostic", "aware")
+FULL = "full"
+RESULTS_FILE = "results.jsonl"
+NO_CHAT_SUFFIX = "\n"  # kvpress: the question's suffix when the tokenizer has no chat template
+
+
+class EvalError(ValueError):
+    """A bad evaluation setting or a sample that does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Combo:
+    """One compressed variant of a sample: press name and compression ratio (0.0 for full)."""
+
+    press: str
+    ratio: float
+
+
+@dataclass
+class EvalConfig:
+    """What to run for every sample.
+
+    Attributes:
+        presses: press names ("full", "snapkv", "adakv-snapkv-obk", ...).
+        ratios: compression ratios (fraction removed), each in (0, 1); "full" runs once, at ratio 0.
+        modes: "agnostic" (question after compression) and/or "aware" (question compressed too).
+        chat: wrap in the chat template; None = when the tokenizer has one.
+        max_new_tokens: cap on the task's max_new_tokens (None = the task's own).
+        reprefill: prefill again for every press (the naive loop; same answers, slower).
+        model_name: recorded in every result row.
+    """
+
+    presses: Sequence[str]
+    ratios: Sequence[float]
+    modes: Sequence[str] = ("agnostic",)
+    chat: bool | None = None
+    max_new_tokens: int | None = None
+    reprefill: bool = False
+    model_name: str = ""
+    combos: list[Combo] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in self.presses:
+            if name != FULL:
+                parse_press_name(name)  # PressError listing the valid names
+        for r in self.ratios:
+            if not 0.0 < r < 1.0:
+                raise EvalError(f"compression ratios must be in (0, 1), got {r}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise EvalError(f"unknown mode(s) {bad or self.modes}; choose from {', '.join(MODES)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise EvalError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.combos = press_grid(self.presses, self.ratios)
+
+
+def press_grid(presses: Sequence[str], ratios: Sequence[float]) -> list[Combo]:
+    """Every (press, ratio) to run per sample; "full" once at ratio 0.0 and always last.
+
+    Full goes last because the shared-prefill runner decodes it on the uncompressed cache itself,
+    after every other press has forked that cache.
+    """
+    if not presses:
+        raise EvalError("no presses given")
+    out: list[Combo] = []
+    for name in dict.fromkeys(presses):
+        if name != FULL:
+            if not ratios:
+                raise EvalError(f"press {name} needs at least one compression ratio")
+            out += [Combo(name, float(r)) for r in dict.fromkeys(ratios)]
+    if FULL in presses:
+        out.append(Combo(FULL, 0.0))
+    return out
+
+
+def result_key(row: dict[str, Any]) -> tuple:
+    """What identifies a result: (task, length, index, press, ratio, mode)."""
+    return (
+        row["task"],
+        int(row["length"]),
+        int(row["index"]),
+        row["press"],
+        round(float(row["ratio"]), 6),
+        row["mode"],
+    )
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def prompt_ids(tok: Any, row: dict[str, Any], mode: str, chat: bool) -> tuple[list[int], list[int]]:
+    """Token ids (prefilled and compressed, fed after compression) for one sample, as kvpress builds them.
+
+    agnostic: ``prefix + context`` | ``question + suffix + answer_prefix``;
+    aware:    ``prefix + context + question`` | ``suffix + answer_prefix``.
+    With chat, (prefix, suffix) come from ``tok.chat_parts()`` (the template writes any BOS); without,
+    the prefix is the BOS token and the suffix ``"\\n"``. Both parts are encoded without added BOS.
+    """
+    if chat:
+        prefix, suffix = tok.chat_parts()
+        bos: list[int] = []
+    else:
+        prefix, suffix = "", NO_CHAT_SUFFIX
+        bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []
+    context, question = row["context"], row["question"]
+    if mode == "aware":
+        context, question = context + question, ""
+    ctx = bos + tok.encode(prefix + context, add_bos=False)
+    q = tok.encode(question + suffix + row["answer_prefix"], add_bos=False)
+    if not ctx or not q:
+        raise EvalError(f"{row['task']} #{row['index']}: empty context or question after tokenization")
+    return ctx, q
+
+
+def count_tokens_fn(tok: Any) -> Callable[[str], int]:
+    """RULER's length measure: tokens of the raw text, without BOS or chat template."""
+    return lambda text: len(tok.encode(text, add_bos=False))
+
+
+# ------------------------------------------------------------------------------ shared prefill parts
+class QueryRecorder:
+    """A prefill observer that stores each layer's queries (post-RoPE) and their positions.
+
+    Args:
+        keep: how many of the last queries to store per layer (None = all, needed by H2O). Slices are
+            copied so the full (B, Hq, T, D) tensor is not kept alive.
+    """
+
+    def __init__(self, keep: int | None):
+        self.keep = keep
+        self.q: dict[int, Tensor] = {}  # layer -> (B, Hq, T', D)
+        self.q_pos: dict[int, Tensor] = {}  # layer -> (B, T')
+
+    def __call__(self, idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
+        if self.keep is None or self.keep >= q.shape[2]:
+            self.q[idx], self.q_pos[idx] = q, q_pos
+        else:
+            self.q[idx] = q[:, :, -self.keep :].clone()
+            self.q_pos[idx] = q_pos[:, -self.keep :].clone()
+
+
+def queries_needed(press: Press | None) -> int | None:
+    """Last prompt queries a press looks at when compressing (None = all of them)."""
+    if press is None or not press.policy.uses_score:  # full, streamingllm, knorm, random: none
+        return 1
+    if press.policy.name == "snapkv":
+        return int(press.policy.window)
+    if press.policy.name == "tova":
+        return 1
+    return None  # h2o (every query) and anything unknown
+
+
+def _keep_for(names: Sequence[str]) -> int | None:
+    needs = [queries_needed(make_press(n, compression_ratio=0.5)) for n in names]
+    return None if any(n is None for n in needs) else max(needs, default=1)
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, ids: Sequence[int], keep: int | None) -> tuple[KVCache, QueryRecorder]:
+    """Prefill ids (T,) into a fresh full cache, recording each layer's last `keep` queries."""
+    cache = model.new_cache(1)
+    rec = QueryRecorder(keep)
+    model(torch.tensor([list(ids)], device=model.device), cache, observer=rec, last_only=True)
+    return cache, rec
+
+
+@torch.inference_mode()
+def compress(cache: KVCache, rec: QueryRecorder, press: Press) -> None:
+    """Compress `cache` in place exactly as `press.prefill_observer()` would have during the prefill."""
+    observe = press.prefill_observer()
+    for i, layer in enumerate(cache.layers):
+        observe(i, rec.q[i], rec.q_pos[i], layer)
+
+
+def answer(
+    model: Transformer, tok: Any, cache: KVCache, q_ids: Sequence[int], max_new: int
+) -> tuple[str, int]:
+    """Feed q_ids (at the positions after the uncompressed context) and decode greedily.
+
+    Returns:
+        (decoded text without stop tokens, number of generated tokens without stop tokens).
+    """
+    stops = set(tok.stop_ids)
+    gen = stream(model, [q_ids], max_new_tokens=max_new, stop_ids=stops, cache=cache)
+    out = [t for t in (int(x[0]) for x in gen) if t not in stops]
+    return tok.decode(out), len(out)
+
+
+# ------------------------------------------------------------------------------------------ samples
+def _base_row(row: dict[str, Any], mode: str, combo: Combo, cfg: EvalConfig) -> dict[str, Any]:
+    return {
+        "task": row["task"],
+        "length": int(row.get("max_seq_length", 0)),
+        "index": int(row["index"]),
+        "press": combo.press,
+        "ratio": combo.ratio,
+        "mode": mode,
+        "model": cfg.model_name,
+        "answers": list(row["answers"]),
+        "n_tokens": row.get("n_tokens"),
+        "depth": row.get("depth", []),
+        "haystack": row.get("haystack"),
+    }
+
+
+def _finish(res: dict[str, Any], pred: str, n_new: int, task: str) -> dict[str, Any]:
+    res.update(pred=pred, new_tokens=n_new, score=score_row(pred, res["answers"], task))
+    return res
+
+
+def _check_fits(model: Transformer, row: dict[str, Any], n_ctx: int, n_q: int, max_new: int) -> None:
+    limit = model.cfg.max_position_embeddings
+    if n_ctx + n_q + max_new > limit:
+        raise EvalError(
+            f"{row['task']} #{row['index']}: {n_ctx + n_q} prompt tokens + {max_new} new tokens exceed the "
+            f"model's {limit} positions (use a smaller --length or --max-new-tokens)"
+        )
+
+
+def run_sample(
+    model: Transformer, tok: Any, row: dict[str, Any], mode: str, combos: Sequence[Combo], cfg: EvalConfig
+) -> Iterator[dict[str, Any]]:
+    """Result rows of one sample in one mode for `combos` (one shared prefill, or one per combo)."""
+    chat = tok.has_chat_template if cfg.chat is None else cfg.chat
+    ctx, q = prompt_ids(tok, row, mode, chat)
+    max_new = min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
+    _check_fits(model, row, len(ctx), len(q), max_new)
+    runner = _reprefilled if cfg.reprefill else _shared
+    for combo, res in runner(model, tok, ctx, q, max_new, combos):
+        out = _base_row(row, mode, combo, cfg)
+        out.update(prompt_tokens=len(ctx), question_tokens=len(q))
+        out.update(res)
+        yield _finish(out, out.pop("_pred"), out.pop("_new"), row["task"])
+
+
+def _shared(
+    model: Transformer, tok: Any, ctx: list[int], q: list[int], max_new: int, combos: Sequence[Combo]
+) -> Iterator[tuple[Combo, dict[str, Any]]]:
+    """One prefill; each press compresses a fork of it (full decodes on the prefill cache itself, last)."""
+    t0 = time.perf_counter()
+    base, rec = prefill(model, ctx, _keep_for([c.press for c in combos if c.press != FULL]))
+    prefill_s, full_bytes, full_tokens = time.perf_counter() - t0, base.nbytes(), base.n_tokens()
+    for combo in combos:
+        t0 = time.perf_counter()
+        cache = base
+        if combo.press != FULL:
+            cache = base.fork()
+            compress(cache, rec, make_press(combo.press, compression_ratio=combo.ratio))
+        t1 = time.perf_counter()
+        res = _cache_fields(cache, full_bytes, full_tokens)
+        res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
+        res.update(
+            prefill_s=prefill_s, compress_s=t1 - t0, decode_s=time.perf_counter() - t1, shared_prefill=True
+        )
+        yield combo, res
+
+
+def _reprefilled(
+    model: Transformer, tok: Any, ctx: list[int], q: list[int], max_new: int, combos: Sequence[Combo]
+) -> Iterator[tuple[Combo, dict[str, Any]]]:
+    """The naive loop: a fresh prefill per press, compressing inside it (the press's prefill observer)."""
+    ids = torch.tensor([ctx], device=model.device)
+    for combo in combos:
+        press = None if combo.press == FULL else make_press(combo.press, compression_ratio=combo.ratio)
+        t0 = time.perf_counter()
+        cache = model.new_cache(1)
+        with torch.inference_mode():
+            model(ids, cache, observer=None if press is None else press.prefill_observer(), last_only=True)
+        t1 = time.perf_counter()
+        full_bytes = press.bytes_before if press is not None else cache.nbytes()
+        res = _cache_fields(cache, full_bytes, len(ctx) * sum(L.n_segments for L in cache.layers))
+        res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
+        res.update(prefill_s=t1 - t0, compress_s=0.0, decode_s=time.perf_counter() - t1, shared_prefill=False)
+        yield combo, res
+
+
+def _cache_fields(cache: KVCache, full_bytes: int, full_tokens: int) -> dict[str, Any]:
+    """K/V bytes and slots before and after compression (before the question is fed)."""
+    return {
+        "cache_bytes_full": full_bytes,
+        "cache_bytes": cache.nbytes(),
+        "full_tokens": full_tokens,
+        "kept_tokens": cache.n_tokens(),
+    }
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def _open_results(path: Path, resume: bool) -> set[tuple]:
+    """Keys already done; repairs a torn last line. Refuses to mix runs unless resuming."""
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    if not resume:
+        raise EvalError(f"{path} already exists: pass --resume to continue that run, or choose another --out")
+    rows, n_bad = read_results(path, with_errors=True)
+    if n_bad:  # an interrupted write: rewrite the file with its complete rows only
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
+    return {result_key(r) for r in rows}
+
+
+def _pending(
+    samples: Sequence[dict], cfg: EvalConfig, done: set[tuple]
+) -> list[tuple[dict, str, list[Combo]]]:
+    work = []
+    for row in samples:
+        for mode in cfg.modes:
+            todo = [c for c in cfg.combos if result_key(_base_row(row, mode, c, cfg)) not in done]
+            if todo:
+                work.append((row, mode, todo))
+    return work
+
+
+def run_eval(
+    model: Transformer,
+    tok: Any,
+    samples: Sequence[dict[str, Any]],
+    cfg: EvalConfig,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every (sample, mode, press, ratio) not yet in ``<out_dir>/results.jsonl`` and append it there.
+
+    Args:
+        tok: a tokenizer object (encode(text, add_bos=), decode(ids), chat_parts(), stop_ids,
+            has_chat_template, bos_id).
+        samples: rows from `make_ruler` (task, index, context, question, answer_prefix, answers,
+            max_new_tokens, max_seq_length, ...).
+        resume: continue an existing results file, skipping finished rows.
+        on_result: called with each new result row right after it is written.
+    Returns:
+        Every row of the results file.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULTS_FILE
+    done = _open_results(path, resume)
+    work = _pending(samples, cfg, done)
+    total = len(samples) * len(cfg.modes) * len(cfg.combos)
+    todo = sum(len(c) for _, _, c in work)
+    from tqdm import tqdm
+
+    with tqdm(total=total, initial=total - todo, disable=not progress, unit="answer", desc="eval") as bar:
+        with path.open("a", encoding="utf-8") as fh:
+            for row, mode, combos in work:
+                bar.set_postfix_str(f"{row['task']} #{row['index']} {mode}", refresh=False)
+                for res in run_sample(model, tok, row, mode, combos, cfg):
+                    fh.write(json.dumps(res, ensure_ascii=False) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    bar.update(1)
+                    if on_result is not None:
+                        on_result(res)
+    return read_results(path)
+
+
+# -------------------------------------------------------------------------------------- sample data
+def sample_path(out_dir: Path | str, task: str, length: int, seed: int) -> Path:
+    return Path(out_dir) / "data" / f"{task}_{length}_{seed}.jsonl"
+
+
+def load_or_make_samples(
+    out_dir: Path | str,
+    task: str,
+    length: int,
+    n: int,
+    seed: int,
+    count_tokens: Callable[[str], int],
+    noise_fallback: bool = False,
+    essays_dir: Path | str | None = None,
+) -> list[dict[str, Any]]:
+    """The first n samples of (task, length, seed), cached in ``<out>/data/<task>_<length>_<seed>.jsonl``.
+
+    The cache is regenerated when it has fewer than n rows or was built with another haystack (e.g. the
+    noise fallback before the essays were fetched).
+    """
+    from obinfer.eval import tasks
+
+    path = sample_path(out_dir, task, length, seed)
+    want = _haystack_for(task, noise_fallback, essays_dir)
+    if path.is_file():
+        rows = tasks.load_jsonl(path)
+        if len(rows) >= n and all(r.get("haystack") == want for r in rows[:n]):
+            return rows[:n]
+    rows = tasks.make_ruler(task, length, n, seed, count_tokens, noise_fallback, essays_dir)
+    tasks.save_jsonl(rows, path)
+    return rows
+
+
+def _haystack_for(task: str, noise_fallback: bool, essays_dir: Path | str | None) -> str | None:
+    from obinfer.eval import haystack, tasks
+
+    if task not in tasks.TASKS:
+        raise EvalError(f"unknown RULER task {task!r}; valid tasks: {', '.join(tasks.TASKS)}")
+    kind = tasks.TASKS[task].haystack
+    if kind != "essay":
+        return kind
+    try:
+        haystack.essay_words(essays_dir)
+        return "essay"
+    except haystack.EssaysMissing:
+        if noise_fallback:
+            return "noise"
+        raise

@@ -1,0 +1,208 @@
+"""Report: table numbers from a hand-made results file, paired comparisons, valid PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import matplotlib.image as mpimg
+import pytest
+
+from obinfer.eval import report
+from obinfer.eval.metrics import paired_bootstrap_ci
+
+# (press, ratio) -> per-sample scores of niah_single_1 #0, #1 and vt #0
+SCORES = {
+    ("full", 0.0): [1.0, 0.0, 1.0],
+    ("snapkv", 0.25): [1.0, 0.0, 0.0],
+    ("snapkv", 0.5): [0.0, 0.0, 0.4],
+    ("snapkv-obk", 0.25): [1.0, 1.0, 1.0],
+    ("snapkv-obk", 0.5): [1.0, 0.0, 0.6],
+}
+SAMPLES = [("niah_single_1", 0, [12.0]), ("niah_single_1", 1, [87.5]), ("vt", 0, [10.0, 20.0])]
+
+
+def _rows(mode: str = "agnostic", length: int = 1000) -> list[dict]:
+    rows = []
+    for (press, ratio), scores in SCORES.items():
+        for (task, index, depth), s in zip(SAMPLES, scores, strict=True):
+            rows.append(
+                {
+                    "task": task,
+                    "index": index,
+                    "length": length,
+                    "press": press,
+                    "ratio": ratio,
+                    "mode": mode,
+                    "score": s,
+                    "depth": depth,
+                    "pred": "x",
+                    "answers": ["y"],
+                }
+            )
+    random.Random(0).shuffle(rows)  # pairing must not depend on the file order
+    return rows
+
+
+def _write(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_split_and_order_press_names():
+    assert report.split_press("adakv-snapkv-obk") == ("adakv-snapkv", "obk")
+    assert report.split_press("h2o") == ("h2o", "attn")
+    names = [
+        "snapkv-obkv",
+        "adakv-snapkv",
+        "snapkv",
+        "full",
+        "h2o-obv",
+        "snapkv-obv",
+        "h2o",
+        "adakv-snapkv-obk",
+    ]
+    assert report.press_order(names) == [
+        "full",
+        "h2o",
+        "h2o-obv",
+        "snapkv",
+        "snapkv-obv",
+        "snapkv-obkv",
+        "adakv-snapkv",
+        "adakv-snapkv-obk",
+    ]
+
+
+def test_table_numbers_from_hand_made_results(tmp_path):
+    path = tmp_path / "results.jsonl"
+    _write(path, _rows())
+    grid = report.accuracy_grid(report.read_results(tmp_path))[("agnostic", 1000)]
+    # mean over tasks of the task means: niah (a + b) / 2 and vt c, then x100
+    for (press, ratio), (a, b, c) in SCORES.items():
+        acc, n = grid[press][ratio]
+        assert n == 3
+        assert acc == pytest.approx(100 * ((a + b) / 2 + c) / 2)
+    text = report.accuracy_tables(report.read_results(path))
+    lines = {
+        line.split()[0]: line for line in text.splitlines() if line and line.split()[0] in ("full", "snapkv")
+    }
+    assert lines["full"].split()[1:] == ["75.0", "(3)", "-", "-"]
+    assert lines["snapkv"].split()[1:] == ["-", "25.0", "(3)", "20.0", "(3)"]
+    per_task = report.accuracy_grid(report.read_results(path), per_task=True)
+    assert per_task[("agnostic", 1000, "vt")]["snapkv-obk"][0.5] == (pytest.approx(60.0), 1)
+    assert per_task[("agnostic", 1000, "niah_single_1")]["snapkv-obk"][0.5] == (50.0, 2)
+    assert "-- vt: mode agnostic" in report.accuracy_tables(report.read_results(path), per_task=True)
+
+
+def test_read_results_skips_a_torn_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    _write(path, _rows()[:4])
+    with path.open("a") as fh:
+        fh.write('{"task": "vt", "sco')
+    rows, bad = report.read_results(path, with_errors=True)
+    assert len(rows) == 4 and bad == 1
+    with pytest.raises(FileNotFoundError, match="no results"):
+        report.read_results(tmp_path / "missing")
+
+
+def test_variant_vs_baseline_paired_bootstrap():
+    comps = report.compare_variants(_rows(), n_boot=500, seed=3)
+    assert [(c["variant"], c["baseline"], c["ratio"]) for c in comps] == [
+        ("snapkv-obk", "snapkv", 0.25),
+        ("snapkv-obk", "snapkv", 0.5),
+        ("snapkv-obk", "snapkv", "all"),
+    ]
+    order = [0, 1, 2]  # samples sorted by (task, index): niah #0, niah #1, vt #0
+    for c in comps[:2]:
+        a = [SCORES[("snapkv-obk", c["ratio"])][i] for i in order]
+        b = [SCORES[("snapkv", c["ratio"])][i] for i in order]
+        diff, lo, hi = paired_bootstrap_ci(a, b, n_boot=500, seed=3)
+        assert (c["diff"], c["lo"], c["hi"], c["n"]) == pytest.approx((100 * diff, 100 * lo, 100 * hi, 3))
+    assert comps[0]["diff"] == pytest.approx(100 * 2 / 3)
+    pooled = comps[2]
+    a = [(SCORES[("snapkv-obk", 0.25)][i] + SCORES[("snapkv-obk", 0.5)][i]) / 2 for i in order]
+    b = [(SCORES[("snapkv", 0.25)][i] + SCORES[("snapkv", 0.5)][i]) / 2 for i in order]
+    assert pooled["diff"] == pytest.approx(100 * (sum(a) - sum(b)) / 3)
+    assert pooled["n"] == 3
+    assert all(c["verdict"] in ("better", "no clear difference") for c in comps)
+    text = report.format_comparisons(comps)
+    assert "snapkv-obk" in text and "all" in text
+
+
+def test_verdicts_follow_the_interval():
+    rows = []
+    for i in range(30):  # the variant is right on every sample, the baseline on none
+        for press, s in (("tova", 0.0), ("tova-obv", 1.0)):
+            rows.append(
+                {
+                    "task": "vt",
+                    "index": i,
+                    "length": 10,
+                    "press": press,
+                    "ratio": 0.5,
+                    "mode": "aware",
+                    "score": s,
+                }
+            )
+    (c,) = report.compare_variants(rows, n_boot=200)
+    assert c["verdict"] == "better" and c["lo"] == c["hi"] == 100.0
+    flipped = [dict(r, score=1.0 - r["score"]) for r in rows]
+    assert report.compare_variants(flipped, n_boot=200)[0]["verdict"] == "worse"
+
+
+def test_depth_matrix_bins_needle_depths():
+    rows = [
+        {"depth": [3.0], "length": 1000, "score": 1.0},
+        {"depth": [7.0], "length": 1000, "score": 0.0},
+        {"depth": [95.0], "length": 2000, "score": 1.0},
+        {"depth": [100.0], "length": 2000, "score": 1.0},
+    ]
+    m = report.depth_matrix(rows, [1000, 2000])
+    assert len(m) == 10 and m[0][0] == 50.0 and m[9][1] == 100.0
+    assert math.isnan(m[0][1]) and math.isnan(m[5][0])
+
+
+def test_plot_styles_pair_variants_with_baselines():
+    fams = ["snapkv", "adakv-snapkv"]
+    base, var = report.press_style("snapkv", fams), report.press_style("snapkv-obk", fams)
+    assert base["color"] == var["color"] and base["linestyle"] != var["linestyle"]
+    assert base["marker"] != var["marker"]
+    assert report.press_style("adakv-snapkv", fams)["color"] != base["color"]
+
+
+def test_pngs_are_written_and_readable(tmp_path):
+    rows = _rows("agnostic", 1000) + _rows("agnostic", 2000) + _rows("aware", 1000)
+    _write(tmp_path / "results.jsonl", rows)
+    text, paths = report.make_report(tmp_path, per_task=True, n_boot=100)
+    names = sorted(p.name for p in paths)
+    assert names == sorted(
+        [
+            "accuracy_agnostic_1000.png",
+            "accuracy_agnostic_2000.png",
+            "accuracy_aware_1000.png",
+            "niah_depth_full_agnostic.png",
+            "niah_depth_presses_agnostic.png",
+            "niah_depth_full_aware.png",
+            "niah_depth_presses_aware.png",
+        ]
+    )
+    for p in paths:
+        assert p.parent == tmp_path / "plots" and p.stat().st_size > 0
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img.std() > 0  # not a blank canvas
+    assert "== mode aware, length 1000 ==" in text
+
+
+def test_cli_report(tmp_path, capsys):
+    from obinfer import cli
+
+    _write(tmp_path / "r" / "results.jsonl", _rows())
+    assert cli.main(["report", str(tmp_path / "r"), "--per-task", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "-- niah_single_1:" in out and "75.0 (3)" in out
+    assert not (tmp_path / "r" / "plots").exists()
+    assert cli.main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no results" in capsys.readouterr().err

@@ -1,0 +1,277 @@
+"""The RULER runner: one shared prefill gives the same answers as a press-in-the-loop prefill per press,
+prompts are built the kvpress way, runs resume without redoing rows, and the CLI works end to end."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from obinfer.cache.presses import make_press
+from obinfer.eval import runner
+from obinfer.eval.metrics import score_row
+from obinfer.eval.runner import EvalConfig, prompt_ids, result_key, run_eval
+from obinfer.generate import generate
+from obinfer.weights import load_model
+
+SPECIALS = {"<|user|>": 300, "<|end|>": 301, "<|assistant|>": 302}
+
+
+class ByteTokenizer:
+    """A toy tokenizer for the 320-token tiny models: byte b -> id b + 3, BOS 1, EOS 2, three chat tokens."""
+
+    bos_id, stop_ids, has_chat_template = 1, {2, 301}, True
+
+    def __init__(self, chat: bool = True):
+        self.has_chat_template = chat
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = [self.bos_id] if add_bos else []
+        i = 0
+        while i < len(text):
+            special = next((s for s in SPECIALS if text.startswith(s, i)), None)
+            if special:
+                ids.append(SPECIALS[special])
+                i += len(special)
+            else:
+                ids += [b + 3 for b in text[i].encode("utf-8")]
+                i += 1
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        names = {v: k for k, v in SPECIALS.items()}
+        out = b"".join(
+            names[i].encode() if i in names else bytes([i - 3]) if 3 <= i < 259 else b"" for i in ids
+        )
+        return out.decode("utf-8", errors="replace")
+
+    def chat_parts(self) -> tuple[str, str]:
+        return "<|user|>", "<|end|><|assistant|>"
+
+
+def _rows(n: int = 2) -> list[dict]:
+    base = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+    rows = []
+    for i in range(n):
+        needle = f"One of the special magic numbers for key-{i} is: {1234567 + i}.\n"
+        context = "A special magic number is hidden below.\n" + base + needle + base
+        rows.append(
+            {
+                "task": "niah_single_1",
+                "index": i,
+                "context": context,
+                "question": f"What is the special magic number for key-{i}? ",
+                "answer_prefix": "The number is",
+                "answers": [str(1234567 + i)],
+                "max_new_tokens": 6,
+                "n_tokens": 0,
+                "depth": [50.0],
+                "max_seq_length": 512,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    return load_model(tiny_llama_dir)
+
+
+PRESSES = ["full", "snapkv", "adakv-snapkv-obk", "h2o", "tova-obv"]
+RATIOS = [0.25, 0.75]
+
+
+def test_prompt_ids_follow_kvpress():
+    tok, row = ByteTokenizer(), _rows(1)[0]
+    ctx, q = prompt_ids(tok, row, "agnostic", chat=True)
+    assert ctx == tok.encode("<|user|>" + row["context"])
+    assert q == tok.encode(row["question"] + "<|end|><|assistant|>" + row["answer_prefix"])
+    ctx, q = prompt_ids(tok, row, "aware", chat=True)
+    assert ctx == tok.encode("<|user|>" + row["context"] + row["question"])
+    assert q == tok.encode("<|end|><|assistant|>" + row["answer_prefix"])
+    ctx, q = prompt_ids(tok, row, "agnostic", chat=False)  # no template: BOS + context, "\n" suffix
+    assert ctx == [tok.bos_id] + tok.encode(row["context"])
+    assert q == tok.encode(row["question"] + "\n" + row["answer_prefix"])
+
+
+def test_press_grid_runs_full_once_and_last():
+    grid = runner.press_grid(["full", "snapkv", "h2o", "snapkv"], [0.5, 0.25])
+    assert [(c.press, c.ratio) for c in grid] == [
+        ("snapkv", 0.5),
+        ("snapkv", 0.25),
+        ("h2o", 0.5),
+        ("h2o", 0.25),
+        ("full", 0.0),
+    ]
+
+
+def test_queries_needed_matches_policies():
+    assert runner.queries_needed(make_press("snapkv-obk", compression_ratio=0.5)) == 64
+    assert runner.queries_needed(make_press("adakv-tova", compression_ratio=0.5)) == 1
+    assert runner.queries_needed(make_press("h2o", compression_ratio=0.5)) is None
+    assert runner._keep_for(["snapkv", "tova"]) == 64
+    assert runner._keep_for(["snapkv", "h2o"]) is None
+
+
+def test_one_prefill_equals_a_prefill_per_press(tiny_model, tmp_path):
+    """Every (sample, mode, press, ratio) answer equals generate() with the press in its own prefill."""
+    tok, rows = ByteTokenizer(), _rows(2)
+    cfg = EvalConfig(PRESSES, RATIOS, modes=["agnostic", "aware"])
+    results = run_eval(tiny_model, tok, rows, cfg, tmp_path, progress=False)
+    assert len(results) == 2 * 2 * (1 + 4 * 2)
+    preds = {}
+    for res in results:
+        row = rows[res["index"]]
+        ctx, q = prompt_ids(tok, row, res["mode"], chat=True)
+        press = None if res["press"] == "full" else make_press(res["press"], compression_ratio=res["ratio"])
+        ref = tok.decode(
+            list(generate(tiny_model, ctx, question=q, press=press, max_new_tokens=6, stop_ids=tok.stop_ids))
+        )
+        assert res["pred"] == ref, (res["press"], res["ratio"], res["mode"])
+        assert res["score"] == score_row(ref, row["answers"], row["task"])
+        assert res["shared_prefill"] is True
+        preds[result_key(res)] = ref
+        layers, heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_kv_heads
+        assert res["full_tokens"] == len(ctx) * layers * heads
+        if res["press"] in ("snapkv", "h2o"):  # uniform allocator: int(n (1 - r)) per head
+            assert res["kept_tokens"] == int(len(ctx) * (1 - res["ratio"])) * layers * heads
+            assert res["cache_bytes"] < res["cache_bytes_full"]
+    # compression changed some answer, so the equality above is not vacuous
+    full = {k[:3] + k[5:]: v for k, v in preds.items() if k[3] == "full"}
+    assert any(v != full[k[:3] + k[5:]] for k, v in preds.items() if k[3] != "full")
+
+
+def test_reprefill_gives_the_same_rows(tiny_model, tmp_path):
+    tok, rows = ByteTokenizer(chat=False), _rows(1)
+    presses = ["full", "adakv-snapkv", "h2o-obkv"]
+    shared = run_eval(tiny_model, tok, rows, EvalConfig(presses, [0.5]), tmp_path / "a", progress=False)
+    naive = run_eval(
+        tiny_model, tok, rows, EvalConfig(presses, [0.5], reprefill=True), tmp_path / "b", progress=False
+    )
+    assert [r["shared_prefill"] for r in naive] == [False] * 3
+    keep = (
+        "press",
+        "ratio",
+        "pred",
+        "score",
+        "cache_bytes",
+        "cache_bytes_full",
+        "kept_tokens",
+        "full_tokens",
+    )
+    assert [{k: r[k] for k in keep} for r in shared] == [{k: r[k] for k in keep} for r in naive]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption(tiny_model, tmp_path):
+    tok, rows = ByteTokenizer(), _rows(2)
+    cfg = EvalConfig(["full", "snapkv", "h2o"], [0.25, 0.5], modes=["agnostic"])
+    total = 2 * (1 + 2 * 2)
+    first: list[dict] = []
+
+    def stop_after(k: int):
+        def cb(res: dict) -> None:
+            first.append(res)
+            if len(first) == k:
+                raise Interrupt
+
+        return cb
+
+    with pytest.raises(Interrupt):
+        run_eval(tiny_model, tok, rows, cfg, tmp_path, progress=False, on_result=stop_after(3))
+    path = tmp_path / "results.jsonl"
+    written = path.read_text().splitlines()
+    assert len(written) == 3
+    with path.open("a") as fh:  # a torn write from the interruption
+        fh.write('{"task": "niah_single_1", "ind')
+    with pytest.raises(runner.EvalError, match="--resume"):
+        run_eval(tiny_model, tok, rows, cfg, tmp_path, progress=False)
+    second: list[dict] = []
+    final = run_eval(
+        tiny_model, tok, rows, cfg, tmp_path, resume=True, progress=False, on_result=second.append
+    )
+    assert len(second) == total - 3  # finished rows were not redone
+    assert not {result_key(r) for r in first} & {result_key(r) for r in second}
+    counts = Counter(result_key(r) for r in final)
+    assert len(counts) == total and set(counts.values()) == {1}
+    assert path.read_text().splitlines()[:3] == written  # the first rows are kept verbatim
+    again: list[dict] = []
+    run_eval(tiny_model, tok, rows, cfg, tmp_path, resume=True, progress=False, on_result=again.append)
+    assert again == []
+    # an uninterrupted run gives the same answers
+    fresh = run_eval(tiny_model, tok, rows, cfg, tmp_path / "fresh", progress=False)
+    by_key = {result_key(r): r["pred"] for r in fresh}
+    assert all(by_key[result_key(r)] == r["pred"] for r in final)
+
+
+def test_prompt_too_long_is_a_clear_error(tiny_model, tmp_path):
+    row = _rows(1)[0]
+    row["context"] = "x" * 600
+    with pytest.raises(runner.EvalError, match="exceed the model's 512 positions"):
+        run_eval(tiny_model, ByteTokenizer(), [row], EvalConfig(["full"], []), tmp_path, progress=False)
+
+
+def test_bad_settings_are_rejected():
+    from obinfer.cache.policies import PressError
+
+    with pytest.raises(PressError, match="unknown press"):
+        EvalConfig(["snapkv-nope"], [0.5])
+    with pytest.raises(runner.EvalError, match="ratios"):
+        EvalConfig(["snapkv"], [1.0])
+    with pytest.raises(runner.EvalError, match="mode"):
+        EvalConfig(["snapkv"], [0.5], modes=["sideways"])
+
+
+def test_cli_eval_resume_and_report(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from obinfer import cli
+    from obinfer.eval import cli as eval_cli
+
+    tok, model = ByteTokenizer(), load_model(tiny_llama_dir)
+    monkeypatch.setattr(eval_cli, "load", lambda *a, **k: (model, tok, Path(tiny_llama_dir)))
+    out = tmp_path / "res"
+    argv = ["eval", "--presses", "full,snapkv,snapkv-obk", "--ratios", "0.5", "--tasks", "niah_single_1"]
+    argv += ["--length", "560", "--samples", "2", "--max-new-tokens", "3", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    data = out / "data" / "niah_single_1_560_42.jsonl"
+    samples = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(samples) == 2 and all(s["n_tokens"] + 128 <= 560 for s in samples)
+    assert [s["n_tokens"] for s in samples] == [
+        len(tok.encode(s["context"] + s["question"] + s["answer_prefix"])) for s in samples
+    ]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 and {r["new_tokens"] <= 3 for r in rows} == {True}
+    assert cli.main(argv) == 2  # refuses to overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(argv + ["--resume"]) == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+    assert cli.main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "snapkv-obk" in text and "full" in text
+    assert (out / "plots" / "accuracy_agnostic_560.png").stat().st_size > 0
+    assert cli.main(["eval", "--tasks", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_decoding_is_greedy_and_deterministic(tiny_model):
+    """The runner's answer() equals an explicit argmax loop on the same cache."""
+    tok, row = ByteTokenizer(), _rows(1)[0]
+    ctx, q = prompt_ids(tok, row, "agnostic", chat=True)
+    cache, _ = runner.prefill(tiny_model, ctx, keep=1)
+    ref_cache = cache.fork()
+    text, n = runner.answer(tiny_model, tok, cache, q, 5)
+    out = []
+    with torch.inference_mode():
+        logits = tiny_model(torch.tensor([q]), ref_cache)[:, -1]
+        for _ in range(5):
+            t = int(logits.argmax(-1))
+            if t in tok.stop_ids:
+                break
+            out.append(t)
+            logits = tiny_model(torch.tensor([[t]]), ref_cache)[:, -1]
+    assert (text, n) == (tok.decode(out), len(out))
