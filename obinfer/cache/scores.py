@@ -122,17 +122,31 @@ class ScoreInputs:
         return self.k.float().masked_fill(invalid, 0.0), self.v.float().masked_fill(invalid, 0.0)
 
     @cached_property
+    def _zraw(self) -> Tensor:
+        """(B, Hkv, G, W, n) logits for every (query, slot), visible or not (finite: invalid slots are 0)."""
+        B, Hq, W, D = self.q.shape
+        q = self.q.float().masked_fill(
+            (self.q_pos < 0)[:, None, :, None], 0.0
+        )  # padding queries: 0, not garbage
+        qg = q.reshape(B, -1, self.group, W, D) * (1.0 / math.sqrt(D))
+        return qg @ self._kv32[0][:, :, None].transpose(-1, -2)
+
+    @cached_property
     def _zg(self) -> Tensor:
         """(B, Hkv, G, W, n) logits, 0 where not visible."""
-        B, Hq, W, D = self.q.shape
-        qg = self.q.float().reshape(B, -1, self.group, W, D)
-        z = qg @ self._kv32[0][:, :, None].transpose(-1, -2) / math.sqrt(D)
-        return z.masked_fill(~self.visible[:, :, None], 0.0)
+        return self._zraw.masked_fill(~self.visible[:, :, None], 0.0)
 
     @cached_property
     def _Ag(self) -> Tensor:
-        """(B, Hkv, G, W, n) softmax over visible keys; all zeros for a query that sees no key."""
-        return _masked_softmax(self._zg, self.visible[:, :, None])
+        """(B, Hkv, G, W, n) softmax over visible keys; all zeros for a query that sees no key.
+
+        One fused softmax of the logits plus a 0 / -inf visibility bias; a query that sees nothing gives
+        a row of NaN, which becomes 0.
+        """
+        bias = torch.zeros(self.visible.shape, device=self.k.device).masked_fill_(
+            ~self.visible, float("-inf")
+        )
+        return torch.softmax(self._zraw + bias[:, :, None], dim=-1).nan_to_num_(0.0)
 
     @property
     def z(self) -> Tensor:
@@ -155,25 +169,22 @@ class ScoreInputs:
         return self._kv32[1].square().sum(-1)
 
     @cached_property
+    def attention(self) -> Tensor:
+        """A in this bundle's ``gqa`` layout: (B, Hkv, G', W, n) (group-averaged for ``"pre"``)."""
+        return self._Ag.mean(2, keepdim=True) if self.gqa == "pre" else self._Ag
+
+    @cached_property
     def terms(self) -> Terms:
-        """The shared per-(h, i, p) quantities for this bundle's ``gqa`` mode (see :class:`Terms`)."""
-        A, z = self._Ag, self._zg
-        if self.gqa == "pre":
-            A, z = A.mean(2, keepdim=True), z.mean(2, keepdim=True)
+        """The shared per-(h, i, p) quantities for this bundle's ``gqa`` mode (see :class:`Terms`).
+
+        ``z`` here is unmasked: every score multiplies it by A, which is 0 wherever a key is not visible.
+        """
+        A = self.attention
+        z = self._zraw.mean(2, keepdim=True) if self.gqa == "pre" else self._zraw
         v = self._kv32[1][:, :, None]  # (B, Hkv, 1, n, Dv)
         o = A @ v
         vo = o @ v.transpose(-1, -2)
         return Terms(A, z, vo, o.square().sum(-1, keepdim=True), self.vnorm2[:, :, None, None, :])
-
-
-def _masked_softmax(z: Tensor, mask: Tensor) -> Tensor:
-    """Softmax of z over the last dim restricted to ``mask``; 0 outside it, all 0 if a row is empty."""
-    zm = z.masked_fill(~mask, float("-inf"))
-    if z.shape[-1] == 0:
-        return zm
-    m = zm.amax(-1, keepdim=True)
-    e = torch.exp(zm - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
 def _reduce(inp: ScoreInputs, term: Tensor) -> Tensor:
@@ -182,8 +193,8 @@ def _reduce(inp: ScoreInputs, term: Tensor) -> Tensor:
 
 
 def _dist2(t: Terms) -> Tensor:
-    """||v_p - o_i||^2 by expansion, clamped at 0: (B, Hkv, G', W, n)."""
-    return (t.v2 + t.o2 - 2.0 * t.vo).clamp_min(0.0)
+    """||v_p - o_i||^2 by expansion, clamped at 0: (B, Hkv, G', W, n) (a new tensor)."""
+    return torch.add(t.v2 + t.o2, t.vo, alpha=-2.0).clamp_min_(0.0)
 
 
 def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
@@ -209,21 +220,21 @@ def get_score(name: str) -> ScoreFn:
 @register_score("attn")
 def attn(inp: ScoreInputs) -> Tensor:
     """Accumulated attention: sum of A_ip (H2O / SnapKV / TOVA term). Returns (B, Hkv, n)."""
-    return _reduce(inp, inp.terms.A)
+    return _reduce(inp, inp.attention)
 
 
 @register_score("obv")
 def obv(inp: ScoreInputs) -> Tensor:
     """OBCache value saliency: sum of A_ip^2 ||v_p||^2. Returns (B, Hkv, n)."""
     t = inp.terms
-    return _reduce(inp, t.A.square() * t.v2)
+    return _reduce(inp, t.A.square().mul_(t.v2))
 
 
 @register_score("obk")
 def obk(inp: ScoreInputs) -> Tensor:
     """OBCache key saliency: sum of (A_ip z_ip)^2 ||v_p - o_i||^2. Returns (B, Hkv, n)."""
     t = inp.terms
-    return _reduce(inp, (t.A * t.z).square() * _dist2(t))
+    return _reduce(inp, (t.A * t.z).square_().mul_(_dist2(t)))
 
 
 @register_score("obkv")
