@@ -34,10 +34,21 @@ class Policy:
     decode_time = False
 
     def prefill_scores(
-        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str, n_kept: Tensor
+        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str, n_kept: Tensor | None
     ) -> Tensor:
-        """Scores (B, Hkv, S) of the layer's slots after prefill; q: (B, Hq, T, D) all prompt queries."""
+        """Scores (B, Hkv, S) of the layer's slots after prefill; q: (B, Hq, T, D) all prompt queries.
+
+        n_kept (B,) is the budget; None leaves out budget-dependent protection (see `protect`).
+        """
         raise NotImplementedError
+
+    def raw_scores(self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str) -> Tensor:
+        """The budget-independent part of `prefill_scores`: one scoring serves every compression ratio."""
+        return self.prefill_scores(q, q_pos, layer, score, gqa, None)
+
+    def protect(self, scores: Tensor, pos: Tensor, q_pos: Tensor, n_kept: Tensor) -> Tensor:
+        """Budget-dependent protection added to `raw_scores` (default: none)."""
+        return scores
 
     def decode_scores(self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str) -> Tensor:
         """Scores (B, Hkv, S) after a decode step whose queries are q (B, Hq, T, D)."""
@@ -146,8 +157,15 @@ class H2O(Policy):
         layer.add_to_accumulator(self.acc_name, s)  # decode steps keep adding to these sums
         if self.normalize == "visible":
             seen = q_pos[:, -1][:, None, None] + 1  # queries in the prompt per row
-            return _invalid(s / (seen - pos).clamp_min(1), pos)
-        return self._protect_recent(_invalid(s, pos), pos, q_pos[:, -1] + 1, n_kept)
+            s = s / (seen - pos).clamp_min(1)
+        s = _invalid(s, pos)
+        return s if n_kept is None else self.protect(s, pos, q_pos, n_kept)
+
+    def protect(self, scores: Tensor, pos: Tensor, q_pos: Tensor, n_kept: Tensor) -> Tensor:
+        """The recent window (none with normalize="visible", as kvpress)."""
+        if self.normalize == "visible":
+            return scores
+        return self._protect_recent(scores, pos, q_pos[:, -1] + 1, n_kept)
 
     def _protect_recent(self, s: Tensor, pos: Tensor, seen: Tensor, budget: Tensor | int) -> Tensor:
         r = torch.as_tensor(budget // 2 if self.recent is None else self.recent, device=s.device)

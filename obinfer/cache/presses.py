@@ -39,6 +39,9 @@ class Press:
     scoring_s: float = 0.0  # time spent scoring + compacting
     bytes_before: int = 0  # K/V bytes of the layers just before their compression
     head_budgets: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    # layer -> budget-independent scores; share one dict between presses that differ only in their budget
+    # (same policy, score, gqa) and compress forks of the same prefill, and each layer is scored once
+    score_memo: dict[int, Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.compression_ratio is None) == (self.budget is None):
@@ -77,7 +80,12 @@ class Press:
                 self.head_budgets[idx] = [self.budget] * layer.n_segments
             self.scoring_s += time.perf_counter() - t0
             return  # nothing to evict: identical to no press
-        scores = self.policy.prefill_scores(q, q_pos, layer, self._score_fn, self.gqa, n_kept)
+        raw = None if self.score_memo is None else self.score_memo.get(idx)
+        if raw is None:
+            raw = self.policy.raw_scores(q, q_pos, layer, self._score_fn, self.gqa)
+            if self.score_memo is not None:
+                self.score_memo[idx] = raw
+        scores = self.policy.protect(raw, pos, q_pos, n_kept)
         if self.allocator == "adakv":
             mask = allocators.adakv(scores, n_kept, self.alpha, self.min_safe)
         else:

@@ -281,12 +281,15 @@ def _shared(
     t0 = time.perf_counter()
     base, rec = prefill(model, ctx, _keep_for([c.press for c in combos if c.press != FULL]))
     prefill_s, full_bytes, full_tokens = time.perf_counter() - t0, base.nbytes(), base.n_tokens()
+    memos: dict[str, dict] = {}  # press name -> layer -> scores: one scoring serves every ratio
     for combo in combos:
         t0 = time.perf_counter()
         cache = base
         if combo.press != FULL:
             cache = base.fork()
-            compress(cache, rec, make_press(combo.press, compression_ratio=combo.ratio))
+            press = make_press(combo.press, compression_ratio=combo.ratio)
+            press.score_memo = memos.setdefault(combo.press, {})
+            compress(cache, rec, press)
         t1 = time.perf_counter()
         res = _cache_fields(cache, full_bytes, full_tokens)
         res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
