@@ -3,7 +3,7 @@
     python benchmarks/bench_engine.py [--model DIR] [--dtypes float32,bfloat16] [--lengths 512,2048]
 
 Prefill tokens/s at each length (last-position logits only, for both) and decode tokens/s (greedy,
-64 new tokens after a 512-token prompt), each the median of --repeats runs, and the ratio
+64 new tokens after a 512-token prompt), each the median of --repeats runs (obinfer and transformers runs interleaved), and the ratio
 obinfer / transformers. Nothing else should run on the machine meanwhile.
 """
 
@@ -19,14 +19,16 @@ from obinfer.gguf_import import ensure_default_model
 from obinfer.weights import load_model
 
 
-def timed(fn, repeats: int) -> float:  # noqa: ANN001
-    fn()  # warm-up
-    times = []
+def timed_pair(fa, fb, repeats: int) -> tuple[float, float]:  # noqa: ANN001
+    """Median times of fa and fb, their runs interleaved (a, b, a, b, ...) so machine drift hits both."""
+    fa(), fb()  # warm-up
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 @torch.inference_mode()
@@ -66,7 +68,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="512,2048")
     ap.add_argument("--decode-prompt", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import transformers
@@ -95,19 +97,15 @@ def bench_dtype(model_dir, dtype_name: str, args: argparse.Namespace, g: torch.G
     vocab = ob.cfg.vocab_size
     for n in map(int, args.lengths.split(",")):
         ids = torch.randint(100, vocab, (1, n), generator=g)
-        t_ob = timed(lambda: ob_prefill(ob, ids), args.repeats)  # noqa: B023
-        t_hf = timed(lambda: hf_prefill(hf, ids), args.repeats)  # noqa: B023
+        t_ob, t_hf = timed_pair(lambda: ob_prefill(ob, ids), lambda: hf_prefill(hf, ids), args.repeats)  # noqa: B023
         print(
             f"{dtype_name:9} {f'prefill {n} (tok/s)':22} {n / t_ob:10.0f} {n / t_hf:13.0f} {t_hf / t_ob:7.2f}"
         )
     ids = torch.randint(100, vocab, (1, args.decode_prompt), generator=g)
     k = args.new_tokens
-    t_ob = timed(lambda: ob_decode(ob, ids, k), args.repeats) - timed(
-        lambda: ob_prefill(ob, ids), args.repeats
-    )
-    t_hf = timed(lambda: hf_decode(hf, ids, k), args.repeats) - timed(
-        lambda: hf_prefill(hf, ids), args.repeats
-    )
+    d_ob, d_hf = timed_pair(lambda: ob_decode(ob, ids, k), lambda: hf_decode(hf, ids, k), args.repeats)
+    p_ob, p_hf = timed_pair(lambda: ob_prefill(ob, ids), lambda: hf_prefill(hf, ids), args.repeats)
+    t_ob, t_hf = d_ob - p_ob, d_hf - p_hf  # decode time alone
     label = f"decode @{args.decode_prompt} (tok/s)"
     print(f"{dtype_name:9} {label:22} {k / t_ob:10.1f} {k / t_hf:13.1f} {t_hf / t_ob:7.2f}")
 

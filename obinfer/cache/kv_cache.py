@@ -30,6 +30,7 @@ eviction moves the last slot into the freed one); `kept_positions()` sorts for d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -253,8 +254,10 @@ class LayerCache:
     def _attend_uniform(self, q: Tensor, n_new: int) -> Tensor:
         k, v, pos = self.dense()
         L = k.shape[2]
-        if self.n_invalid == 0 and (n_new == 1 or n_new == L):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=n_new > 1, enable_gqa=True)
+        if self.n_invalid == 0 and n_new == 1:
+            return _decode_attention(q, k, v)
+        if self.n_invalid == 0 and n_new == L:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         mask = _visibility(pos, L, n_new)  # (B, Hkv, T, L)
         mask = mask.repeat_interleave(q.shape[1] // self.n_kv_heads, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -274,6 +277,19 @@ class LayerCache:
                 qi, k.expand(G, -1, -1), v.expand(G, -1, -1), attn_mask=mask
             )
         return out
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """One new query per row over every cached slot: two small batched matmuls, softmax in float32.
+
+    (CPU SDPA kernels are tuned for long query blocks; for T = 1 this is several times faster.)
+    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) -> (B, Hq, 1, D).
+    """
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D)  # the G query heads of a KV head as rows
+    w = torch.softmax((qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D)), dim=-1)
+    return (w.to(v.dtype) @ v).reshape(B, Hq, 1, D)
 
 
 def _visibility(pos: Tensor, L: int, n_new: int) -> Tensor:
