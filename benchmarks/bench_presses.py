@@ -2,7 +2,8 @@
 
     python benchmarks/bench_presses.py [--model DIR] [--lengths 2048,4096] [--ratios 0.5,0.75]
 
-For each context length and press: scoring time as a share of prefill time, decode tokens/s
+For each context length and press: scoring time (scores + choosing slots) and compaction time
+(gathering the kept K/V) as shares of prefill time, decode tokens/s
 (ratio to the full cache) and KV bytes kept (ratio to the full cache, and to (1 - r) x full).
 Decode runs a fixed number of greedy steps (no stop token) so every press decodes the same count.
 """
@@ -42,7 +43,7 @@ def main() -> None:
     model = load_model(args.model or ensure_default_model())
     g = torch.Generator().manual_seed(0)
     print(
-        f"{'n':>5} {'press':18} {'r':>5} {'prefill s':>9} {'scoring':>8} {'decode tok/s':>12} {'vs full':>7} "
+        f"{'n':>5} {'press':18} {'r':>5} {'prefill s':>9} {'scoring':>8} {'compact':>8} {'decode tok/s':>12} {'vs full':>7} "
         f"{'KV MiB':>8} {'vs full':>7} {'vs (1-r)':>8}"
     )
     for n in map(int, args.lengths.split(",")):
@@ -50,7 +51,7 @@ def main() -> None:
         run(model, ids[:256], "full", 0.0, 2)  # warm-up
         full = run(model, ids, "full", 0.0, args.new_tokens)
         print(
-            f"{n:5d} {'full':18} {'-':>5} {full.prefill_s:9.2f} {'-':>8} {full.decode_tok_s:12.1f} {1:7.2f} "
+            f"{n:5d} {'full':18} {'-':>5} {full.prefill_s:9.2f} {'-':>8} {'-':>8} {full.decode_tok_s:12.1f} {1:7.2f} "
             f"{full.cache_bytes_kept / 2**20:8.1f} {1:7.2f} {'-':>8}"
         )
         for r in map(float, args.ratios.split(",")):
@@ -61,7 +62,7 @@ def main() -> None:
                 kept = s.cache_bytes_kept  # right after compression, before decoding grows the buffers
                 print(
                     f"{n:5d} {name:18} {r:5.2f} {s.prefill_s:9.2f} {s.scoring_s / s.prefill_s:8.1%} "
-                    f"{s.decode_tok_s:12.1f} {s.decode_tok_s / full.decode_tok_s:7.2f} {kept / 2**20:8.1f} "
+                    f"{s.compact_s / s.prefill_s:8.1%} {s.decode_tok_s:12.1f} {s.decode_tok_s / full.decode_tok_s:7.2f} {kept / 2**20:8.1f} "
                     f"{kept / full.cache_bytes_full:7.3f} {kept / ((1 - r) * full.cache_bytes_full):8.3f}"
                 )
 

@@ -225,7 +225,8 @@ def print_stats(stats, press=None, file=sys.stderr) -> None:  # noqa: ANN001
     if press is not None:
         share = stats.scoring_s / stats.prefill_s if stats.prefill_s else 0.0
         p(
-            f"press              {press.name} (scoring {stats.scoring_s * 1000:.0f} ms = {share:.1%} of prefill)"
+            f"press              {press.name} (scoring {stats.scoring_s * 1000:.0f} ms = {share:.1%} of prefill, "
+            f"compaction {stats.compact_s * 1000:.0f} ms)"
         )
         p("tokens kept per layer (min / mean / max over heads):")
         for i, (lo, mean, hi) in enumerate(stats.kept_per_layer):

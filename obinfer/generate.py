@@ -40,7 +40,8 @@ class GenStats:
     new_tokens: int = 0
     ttft_s: float = 0.0  # time to first token (prefill + question + first sample)
     prefill_s: float = 0.0  # prompt forward, including any compression
-    scoring_s: float = 0.0  # time spent by the press scoring and compacting
+    scoring_s: float = 0.0  # time spent by the press scoring and choosing slots (prefill + decode)
+    compact_s: float = 0.0  # time spent compacting the cache after prefill compression
     decode_s: float = 0.0
     cache_bytes_full: int = 0  # K/V bytes right after prefill, before compression
     cache_bytes_kept: int = 0  # K/V bytes right after prefill (and compression)

@@ -36,7 +36,8 @@ class Press:
     alpha: float = 0.2  # AdaKV safeguard
     min_safe: int = 0  # AdaKV: n_safe >= min_safe (1 matches kvpress)
     gqa: str = "sum"
-    scoring_s: float = 0.0  # time spent scoring + compacting
+    scoring_s: float = 0.0  # time spent scoring and choosing the kept slots
+    compact_s: float = 0.0  # time spent compacting the cache (gathering the kept K/V)
     bytes_before: int = 0  # K/V bytes of the layers just before their compression
     head_budgets: dict[int, list[int]] = field(default_factory=dict, repr=False)
     # layer -> budget-independent scores; share one dict between presses that differ only in their budget
@@ -90,20 +91,23 @@ class Press:
             mask = allocators.adakv(scores, n_kept, self.alpha, self.min_safe)
         else:
             mask = allocators.uniform(scores, n_kept)
-        layer.keep([torch.nonzero(m, as_tuple=True)[0] for row in mask for m in row])
+        keep = [torch.nonzero(m, as_tuple=True)[0] for row in mask for m in row]
+        t1 = time.perf_counter()
+        self.scoring_s += t1 - t0
+        layer.keep(keep)
+        self.compact_s += time.perf_counter() - t1
         if self.decode_evicts:  # uniform: the budget; AdaKV: the head's share, plus a short row's slack
             H, slack = layer.n_kv_heads, (self.budget - n_kept).tolist()
             self.head_budgets[idx] = [L + slack[i // H] for i, L in enumerate(layer.length)]
-        self.scoring_s += time.perf_counter() - t0
 
     def prefill_observer(self, stats: Any = None):  # noqa: ANN201
         """An observer for `Transformer.forward` that compresses each layer right after its attention."""
-        self.scoring_s, self.bytes_before, self.head_budgets = 0.0, 0, {}
+        self.scoring_s, self.compact_s, self.bytes_before, self.head_budgets = 0.0, 0.0, 0, {}
 
         def observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
             self.compress_layer(idx, q, q_pos, layer)
             if stats is not None:
-                stats.scoring_s = self.scoring_s
+                stats.scoring_s, stats.compact_s = self.scoring_s, self.compact_s
 
         return observe
 
