@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from spec_vectors import EX2_K, EX2_Q, EX2_V
 
 from obinfer.cache.allocators import adakv, keep_indices, n_kept_for, uniform
 from obinfer.cache.scores import ScoreInputs, get_score, pool_scores
@@ -44,19 +45,6 @@ def test_example4():
 
 
 # ---------------------------------------------------------------- Example 2 (SnapKV, window protected)
-EX2_K = [
-    [(1, 0), (0.2, 0.9), (-0.5, 0.5), (1.2, -0.3), (0, -1), (0.8, 0.8), (-1, -0.2), (0.4, 0.1), (0.3, 0.6),
-     (0.9, -0.4)],
-    [(0.5, 0.5), (1.5, 0), (-0.2, 1.1), (0, 0), (0.7, -0.6), (-0.9, 0.4), (0.3, 1.3), (1, 1), (-0.4, -0.8),
-     (0.6, 0.2)],
-]  # fmt: skip
-EX2_V = [
-    [(0.1, 0.1), (1, 0), (0, 2), (-1, 1), (0.5, -0.5), (2, 0), (0.3, 0.3), (-0.6, 1.2), (1.1, -0.2),
-     (0, 0.7)],
-    [(0.2, -0.1), (0, 1), (1.5, 1.5), (0.4, 0), (-1.2, 0.3), (0.6, 0.6), (2, -1), (0.1, 0.9), (0.5, 0.5),
-     (-0.3, 0.8)],
-]  # fmt: skip
-EX2_Q = [[(1, 0.5), (0.8, -0.2)], [(-0.5, 1), (0, 1.5)], [(1.2, 0.3), (0.2, 0.9)], [(-1, -0.5), (0.5, 0.5)]]
 
 
 def snapkv_scores(name: str, pool: int | None) -> torch.Tensor:

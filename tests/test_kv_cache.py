@@ -20,13 +20,7 @@ from obinfer.weights import load_model
 B, H, G, D = 2, 3, 2, 8  # rows, KV heads, query heads per KV head, head dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_module_docstring_example_runs():

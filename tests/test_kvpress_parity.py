@@ -41,13 +41,7 @@ N_CONTEXT, N_QUESTION, WINDOW = 264, 16, 64
 RATIOS = (0.25, 0.5, 0.75)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # obinfer name, obinfer options, kvpress press factory, transformers attention implementation

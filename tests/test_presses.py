@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from spec_vectors import EX2_K, EX2_Q, EX2_V
 from torch import Tensor
 
 from obinfer.cache import allocators, policies, scores
@@ -28,13 +29,7 @@ from obinfer.weights import load_model
 INF = math.inf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is faster, and far faster when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +48,6 @@ def layer_positions(layer: LayerCache, row: int = 0) -> list[list[int]]:
 
 
 # ================================================================ (a) spec examples through policies
-EX2_K = [
-    [(1, 0), (0.2, 0.9), (-0.5, 0.5), (1.2, -0.3), (0, -1), (0.8, 0.8), (-1, -0.2), (0.4, 0.1), (0.3, 0.6),
-     (0.9, -0.4)],
-    [(0.5, 0.5), (1.5, 0), (-0.2, 1.1), (0, 0), (0.7, -0.6), (-0.9, 0.4), (0.3, 1.3), (1, 1), (-0.4, -0.8),
-     (0.6, 0.2)],
-]  # fmt: skip
-EX2_V = [
-    [(0.1, 0.1), (1, 0), (0, 2), (-1, 1), (0.5, -0.5), (2, 0), (0.3, 0.3), (-0.6, 1.2), (1.1, -0.2),
-     (0, 0.7)],
-    [(0.2, -0.1), (0, 1), (1.5, 1.5), (0.4, 0), (-1.2, 0.3), (0.6, 0.6), (2, -1), (0.1, 0.9), (0.5, 0.5),
-     (-0.3, 0.8)],
-]  # fmt: skip
-EX2_Q = [[(1, 0.5), (0.8, -0.2)], [(-0.5, 1), (0, 1.5)], [(1.2, 0.3), (0.2, 0.9)], [(-1, -0.5), (0.5, 0.5)]]
 
 
 def cache_of(k: list, v: list) -> LayerCache:
