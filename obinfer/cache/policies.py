@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from obinfer.cache.kv_cache import LayerCache
-from obinfer.cache.scores import ScoreFn, ScoreInputs, pool_scores
+from obinfer.cache.scores import ScoreFn, ScoreInputs, pool_scores, score_queries_chunked
 
 INF = float("inf")
 
@@ -61,32 +61,6 @@ class Policy:
 
 def _invalid(scores: Tensor, pos: Tensor) -> Tensor:
     return scores.masked_fill(pos < 0, -INF)
-
-
-def causal_chunked_scores(
-    score: ScoreFn, q: Tensor, q_pos: Tensor, k: Tensor, v: Tensor, pos: Tensor, gqa: str, chunk: int
-) -> Tensor:
-    """Sum a score over the T newest queries, `chunk` at a time, each chunk against the slots it can see.
-
-    The T queries are the tokens held in the last T slots (the layer was just appended to), so the
-    chunk [s, e) sees at most the first S - T + e slots: peak extra memory is O(chunk x S) and causal
-    masking halves the work of a prefill. Exact, because every score is a sum over queries.
-
-    Args:
-        q: (B, Hq, T, D); q_pos: (B, T); k, v: (B, Hkv, S, D); pos: (B, Hkv, S).
-    Returns:
-        (B, Hkv, S) float32, 0 on invalid slots.
-    """
-    S, T = k.shape[2], q.shape[2]
-    total = torch.zeros(pos.shape, dtype=torch.float32, device=k.device)
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        end = S - T + e
-        part = score(
-            ScoreInputs(q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], pos[:, :, :end], gqa)
-        )
-        total[..., :end] += part.masked_fill(pos[..., :end] < 0, 0.0)
-    return total
 
 
 @dataclass
@@ -153,7 +127,7 @@ class H2O(Policy):
 
     def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
         k, v, pos = layer.dense()
-        s = causal_chunked_scores(score, q, q_pos, k, v, pos, gqa, self.chunk)
+        s = self._sums(q, q_pos, k, v, pos, score, gqa)
         layer.add_to_accumulator(self.acc_name, s)  # decode steps keep adding to these sums
         if self.normalize == "visible":
             seen = q_pos[:, -1][:, None, None] + 1  # queries in the prompt per row
@@ -167,6 +141,11 @@ class H2O(Policy):
             return scores
         return self._protect_recent(scores, pos, q_pos[:, -1] + 1, n_kept)
 
+    def _sums(self, q, q_pos, k, v, pos, score, gqa) -> Tensor:  # noqa: ANN001
+        """The score summed over the new queries q (the last slots), chunk by chunk; 0 on invalid slots."""
+        s = score_queries_chunked(score, q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True)
+        return s.masked_fill(pos < 0, 0.0)
+
     def _protect_recent(self, s: Tensor, pos: Tensor, seen: Tensor, budget: Tensor | int) -> Tensor:
         r = torch.as_tensor(budget // 2 if self.recent is None else self.recent, device=s.device)
         r = r.reshape(-1, 1, 1) if r.dim() else r
@@ -174,9 +153,7 @@ class H2O(Policy):
 
     def decode_scores(self, q, q_pos, layer, score, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
-        layer.add_to_accumulator(
-            self.acc_name, causal_chunked_scores(score, q, q_pos, k, v, pos, gqa, self.chunk)
-        )
+        layer.add_to_accumulator(self.acc_name, self._sums(q, q_pos, k, v, pos, score, gqa))
         return _invalid(layer.acc_dense(self.acc_name).clone(), pos)
 
     def protect_decode(self, scores, pos, seen, budget):  # noqa: ANN001
