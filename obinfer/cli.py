@@ -68,8 +68,27 @@ def load(model: str | None, dtype: str = "float32", device: str = "cpu", weights
     from obinfer.tokenizer import load_tokenizer
     from obinfer.weights import load_model
 
+    check_device(device)
     model_dir = resolve_model(model, weights_dir)
     return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir), model_dir
+
+
+def check_device(device: str) -> None:
+    """A clear error for a malformed device or CUDA/MPS that this machine does not have."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(
+            f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} requested but MPS is not available on this machine")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

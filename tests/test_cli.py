@@ -209,6 +209,7 @@ def test_bad_checkpoint_gives_one_line_error(capsys, tiny_chat_dir, tmp_path, br
         (["--prompt-file", "/nonexistent/prompt.txt"], "file not found: /nonexistent/prompt.txt"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--press-opt", "window"], "KEY=VALUE"),
+        (["--device", "nonsense"], "unknown device 'nonsense'"),
         (["--press", "snapkv", "--compression-ratio", "0.5", "--press-opt", "colour=red"], "unknown option"),
     ],
 )
@@ -255,3 +256,11 @@ def test_gguf_path_as_model_is_explained(capsys, tmp_path):
     f.write_bytes(b"GGUF")
     code, _, err = run(capsys, "generate", "--model", str(f), "--prompt", "x")
     assert code == 2 and "convert-gguf" in err
+
+
+def test_cuda_without_cuda_is_a_clear_error(capsys, tiny_chat_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "x", "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and err.count("\n") == 1
