@@ -169,9 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.prompt is None and args.prompt_file is None and args.context_file is None:
         raise UserError("give --prompt, --prompt-file or --context-file")
     prompt = (
-        args.prompt if args.prompt is not None else _read_text(args.prompt_file) if args.prompt_file else ""
+        args.prompt if args.prompt is not None else read_text(args.prompt_file) if args.prompt_file else ""
     )
-    context = _read_text(args.context_file) if args.context_file else None
+    context = read_text(args.context_file) if args.context_file else None
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = load(args.model, args.dtype, args.device, args.weights_dir)
@@ -256,7 +256,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"file not found: {path}")

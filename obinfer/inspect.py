@@ -428,12 +428,12 @@ def _presses(args: argparse.Namespace) -> list[Press]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from obinfer.cli import _read_text
+    from obinfer.cli import read_text
 
     if not args.out and not args.json_out:
         raise InspectError("give --out FILE.png and/or --json FILE")
     presses = _presses(args)
-    context = _read_text(args.context_file)
+    context = read_text(args.context_file)
     model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
     chat = tok.has_chat_template if args.chat is None else args.chat
     ids, _ = build_prompt(tok, "", context, args.question, chat, query_aware=args.question is not None)
