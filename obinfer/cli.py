@@ -1,4 +1,4 @@
-"""The `obinfer` command line: generate, presses, download, convert-gguf, bench, eval, report, inspect.
+"""The `obinfer` command line: generate, presses, download, convert-gguf, eval, report, fetch-essays, inspect.
 
 Only this module (and the CLI helpers of obinfer.eval / obinfer.inspect) prints; the library logs.
 Every user error becomes one line on stderr and exit status 2, never a traceback.
@@ -22,20 +22,23 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from obinfer.cache.policies import PressError
     from obinfer.config import ConfigError
+    from obinfer.eval.haystack import EssaysMissing
+    from obinfer.gguf_import import GGUFImportError
+    from obinfer.hub import HubError
+    from obinfer.tokenizer import TokenizerError
     from obinfer.weights import CheckpointError
 
-    errs: list[type[BaseException]] = [UserError, PressError, ConfigError, CheckpointError, FileNotFoundError]
-    for mod, name in (
-        ("obinfer.tokenizer", "TokenizerError"),
-        ("obinfer.gguf_import", "GGUFImportError"),
-        ("obinfer.hub", "HubError"),
-        ("obinfer.eval.haystack", "EssaysMissing"),
-    ):
-        try:
-            errs.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errs)
+    return (
+        UserError,
+        PressError,
+        ConfigError,
+        CheckpointError,
+        TokenizerError,
+        GGUFImportError,
+        HubError,
+        EssaysMissing,
+        FileNotFoundError,
+    )
 
 
 # ----------------------------------------------------------------------------- model resolution
@@ -353,15 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugins() -> list[Callable]:
-    """Subcommands defined next to their code: bench, eval/report/fetch-essays, inspect."""
-    out = []
-    for mod in ("obinfer.bench", "obinfer.eval.cli", "obinfer.inspect"):
-        try:
-            out.append(__import__(mod, fromlist=["add_commands"]).add_commands)
-        except ModuleNotFoundError as e:  # a plug-in not present in this build; real import bugs still raise
-            if e.name != mod:
-                raise
-    return out
+    """Subcommands defined next to their code: eval / report / fetch-essays, and inspect."""
+    from obinfer.eval.cli import add_commands as eval_commands
+    from obinfer.inspect import add_commands as inspect_commands
+
+    return [eval_commands, inspect_commands]
 
 
 def main(argv: list[str] | None = None) -> int:
