@@ -7,44 +7,27 @@ Every user error becomes one line on stderr and exit status 2, never a traceback
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from obinfer.errors import ObinferError, UserError
 
 DESCRIPTION = """obinfer: a from-scratch PyTorch inference engine for Llama-3.1 / Qwen-2.5 with an inspectable,
 per-head KV cache and eviction presses (SnapKV, TOVA, H2O, AdaKV; OBCache scores obv/obk/obkv)."""
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line."""
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from obinfer.cache.policies import PressError
-    from obinfer.config import ConfigError
-    from obinfer.eval.haystack import EssaysMissing
-    from obinfer.gguf_import import GGUFImportError
-    from obinfer.hub import HubError
-    from obinfer.tokenizer import TokenizerError
-    from obinfer.weights import CheckpointError
-
-    return (
-        UserError,
-        PressError,
-        ConfigError,
-        CheckpointError,
-        TokenizerError,
-        GGUFImportError,
-        HubError,
-        EssaysMissing,
-        FileNotFoundError,
-    )
+    """What main() prints as one line: every obinfer error, and OS errors on files (disk full, ...)."""
+    return (ObinferError, OSError)
 
 
 # ----------------------------------------------------------------------------- model resolution
 def resolve_model(model: str | None, weights_dir: str | None = None) -> Path:
     """A checkpoint directory for --model: a path, a name under weights/, a hub id, or the default."""
-    from obinfer.gguf_import import default_weights_dir, ensure_default_model
+    from obinfer.gguf_import import ensure_default_model
+    from obinfer.storage import default_weights_dir
 
     wdir = Path(weights_dir) if weights_dir else default_weights_dir()
     if model is None:
@@ -154,6 +137,8 @@ def build_press(args: argparse.Namespace):  # noqa: ANN201
 
 
 def _parse_value(val: str) -> object:
+    if val.lower() in ("none", "null"):
+        return None
     if val.lower() in ("true", "false"):
         return val.lower() == "true"
     for cast in (int, float):
@@ -177,6 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     context = read_text(args.context_file) if args.context_file else None
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # checked before loading
     model, tok, _ = load(args.model, args.dtype, args.device, args.weights_dir)
     chat = tok.has_chat_template if args.chat is None else args.chat
     ids, question = build_prompt(tok, prompt, context, args.question, chat, args.query_aware)
@@ -186,7 +172,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError(f"prompt has {total} tokens but the model's context is {limit} tokens")
     stats = GenStats()
     dec = tok.stream_decoder()
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     max_new = min(args.max_new_tokens, limit - total)
     for t in generate(
         model,
@@ -245,6 +230,14 @@ def print_stats(stats, press=None, file=sys.stderr) -> None:  # noqa: ANN001
     )
     p(f"cache bytes (end)  {_mib(stats.cache_bytes)} allocated after decoding")
     if press is not None:
+        if stats.observed_queries is not None:
+            window = getattr(press.policy, "window", None)
+            note = (
+                f" (observed the whole prompt: it is not longer than the window of {window})"
+                if window is not None and stats.observed_queries < window
+                else ""
+            )
+            p(f"observed queries   {stats.observed_queries}{note}")
         share = stats.scoring_s / stats.prefill_s if stats.prefill_s else 0.0
         p(
             f"press              {press.name} (scoring {stats.scoring_s * 1000:.0f} ms = {share:.1%} of prefill, "
@@ -261,6 +254,8 @@ def _mib(n: int) -> str:
 
 def read_text(path: str) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a directory, expected a text file")
     if not p.is_file():
         raise UserError(f"file not found: {path}")
     try:
@@ -363,15 +358,41 @@ def _plugins() -> list[Callable]:
     return [eval_commands, inspect_commands]
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error as one line (OS errors: what failed and on which path)."""
+    if isinstance(exc, OSError) and not isinstance(exc, ObinferError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+class _ProgressLines(logging.Handler):
+    """Library progress (first-use downloads, conversions) as `obinfer: ...` lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"obinfer: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def _show_progress() -> None:
+    log = logging.getLogger("obinfer")
+    if not any(isinstance(h, _ProgressLines) for h in log.handlers):
+        log.addHandler(_ProgressLines(logging.INFO))
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_progress()
     try:
         args.func(args)
     except _user_errors() as e:
-        print(f"obinfer: error: {e}", file=sys.stderr)
+        print(f"obinfer: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("obinfer: interrupted", file=sys.stderr)
         return 130
     return 0
 

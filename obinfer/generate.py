@@ -2,29 +2,67 @@
 
 `stream()` is a generator of token ids per step for a batch of prompts (left-padded); `generate()`
 wraps it for one prompt. Both fill a `GenStats` record. Sampling uses an explicit `torch.Generator`.
+
+Arguments are checked when `stream()` / `generate()` is called, before any forward pass (an empty
+prompt, a token id outside the vocabulary, max_new_tokens < 1, ...), and `Sampling` checks its values
+when it is made: each raises `GenerationError` with a one-line message.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
 
 from obinfer.cache.kv_cache import KVCache
+from obinfer.errors import ObinferError
 from obinfer.models.llama import Transformer
+
+
+class GenerationError(ObinferError, ValueError):
+    """Bad generation arguments: sampling values, an empty prompt, token ids outside the vocabulary."""
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
 
 
 @dataclass
 class Sampling:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; seed None = nondeterministic."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; seed None = nondeterministic.
+
+    Checked when made (and again by `stream`): temperature a finite number >= 0, 0 < top_p <= 1,
+    top_k an integer >= 0, seed an integer (or None); anything else raises `GenerationError`.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise GenerationError naming the first bad value."""
+        t, p, k, seed = self.temperature, self.top_p, self.top_k, self.seed
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not _is_real(p) or not 0 < p <= 1:  # NaN fails the comparison too
+            raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {p!r}")
+        if not _is_int(k) or k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
+        if seed is not None and (not _is_int(seed) or not -(2**63) <= seed < 2**64):
+            raise GenerationError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         if self.temperature <= 0:
@@ -47,6 +85,10 @@ class GenStats:
     cache_bytes_kept: int = 0  # K/V bytes right after prefill (and compression)
     cache_bytes: int = 0  # K/V bytes at the end (decoding grows the buffers in steps)
     kept_per_layer: list[tuple[int, float, int]] = field(default_factory=list)  # (min, mean, max) over heads
+    # prompt queries whose attention scored the keys at prefill (None: no press scored): snapkv's window,
+    # shrunk to the prompt when the prompt is not longer; 1 for tova; every prompt token for h2o; 0 for
+    # the score-free policies (streamingllm, knorm, random). For a batch, the smallest over its rows.
+    observed_queries: int | None = None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -81,7 +123,34 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Te
     return ids, torch.tensor([T - len(r) for r in rows])
 
 
-@torch.inference_mode()
+def _check_ids(rows: Sequence[Sequence[int]], what: str, vocab: int) -> list[list[int]]:
+    """rows as lists of ints, or GenerationError: no rows, an empty row, a non-integer or out-of-vocab id."""
+    if hasattr(rows, "tolist"):  # a (B, T) tensor or array
+        rows = rows.tolist()
+    if isinstance(rows, str | bytes) or not isinstance(rows, Sequence):
+        raise GenerationError(f"{what}s must be a list of token-id lists, got {type(rows).__name__}")
+    if len(rows) == 0:
+        raise GenerationError(f"no {what}s given (an empty batch)")
+    out = []
+    for b, row in enumerate(rows):
+        where = f"the {what}" if len(rows) == 1 else f"{what} {b}"
+        if hasattr(row, "tolist"):
+            row = row.tolist()
+        if isinstance(row, str | bytes) or not isinstance(row, Sequence):
+            raise GenerationError(f"{where} must be a list of token ids, got {type(row).__name__}")
+        if len(row) == 0:
+            raise GenerationError(f"{where} is empty (0 tokens)")
+        for i, t in enumerate(row):
+            if not _is_int(t):
+                raise GenerationError(f"{where} has {t!r} at index {i}; token ids must be integers")
+            if not 0 <= t < vocab:
+                raise GenerationError(
+                    f"{where} has token id {t} at index {i}, outside the vocabulary [0, {vocab})"
+                )
+        out.append([int(t) for t in row])
+    return out
+
+
 def stream(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -102,8 +171,45 @@ def stream(
         cache: an existing cache to continue (e.g. a compressed context); a new one if None.
     Yields:
         (B,) next-token ids; rows that already stopped repeat their stop token.
+    Raises:
+        GenerationError: at the call (before any forward pass) for an empty batch or prompt, a token id
+            outside the vocabulary, max_new_tokens < 1, bad sampling values, or a cache of another batch.
     """
-    sampling = sampling or Sampling()
+    vocab = model.cfg.vocab_size
+    prompts = _check_ids(prompts, "prompt", vocab)
+    if questions is not None:
+        questions = _check_ids(questions, "question", vocab)
+        if len(questions) != len(prompts):
+            raise GenerationError(f"{len(questions)} questions for {len(prompts)} prompts")
+        if len({len(q) for q in questions}) > 1:
+            raise GenerationError(
+                "questions must have equal lengths within a batch (pad them on the left of the context)"
+            )
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    sampling = sampling if sampling is not None else Sampling()
+    if not isinstance(sampling, Sampling):
+        raise GenerationError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+    sampling.check()
+    if not all(_is_int(t) for t in stop_ids):
+        raise GenerationError(f"stop_ids must be integer token ids, got {sorted(map(repr, stop_ids))}")
+    if cache is not None and cache.batch != len(prompts):
+        raise GenerationError(f"the cache holds {cache.batch} rows but {len(prompts)} prompts were given")
+    return _stream(model, prompts, max_new_tokens, sampling, stop_ids, press, questions, cache, stats)
+
+
+@torch.inference_mode()
+def _stream(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_ids: set[int] | frozenset[int],
+    press,  # noqa: ANN001
+    questions: list[list[int]] | None,
+    cache: KVCache | None,
+    stats: GenStats | None,
+) -> Iterator[Tensor]:
     stats = stats if stats is not None else GenStats()
     gen = sampling.generator(model.device)
     B = len(prompts)
@@ -119,11 +225,7 @@ def stream(
     stats.cache_bytes_kept = cache.nbytes()
     step_observer = press.decode_observer(stats) if press is not None else None
     if questions is not None:
-        q_ids, q_pad = left_pad(questions)
-        if int(q_pad.sum()):
-            raise ValueError(
-                "questions must have equal lengths within a batch (pad them on the left of the context)"
-            )
+        q_ids, _ = left_pad(questions)  # equal lengths (checked by stream): no padding
         logits = model(q_ids.to(model.device), cache, observer=step_observer, last_only=True)[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=model.device)
@@ -168,8 +270,12 @@ def generate(
     question: Sequence[int] | None = None,
     stats: GenStats | None = None,
 ) -> Iterator[int]:
-    """Stream the token ids generated for one prompt (stop token excluded)."""
-    for tok in stream(
+    """Stream the token ids generated for one prompt (stop token excluded).
+
+    Raises:
+        GenerationError: at the call, e.g. "the prompt is empty (0 tokens)" (see `stream`).
+    """
+    steps = stream(
         model,
         [prompt],
         max_new_tokens=max_new_tokens,
@@ -178,7 +284,12 @@ def generate(
         press=press,
         questions=None if question is None else [question],
         stats=stats,
-    ):
+    )
+    return _unbatch(steps, stop_ids)
+
+
+def _unbatch(steps: Iterator[Tensor], stop_ids: set[int] | frozenset[int]) -> Iterator[int]:
+    for tok in steps:
         t = int(tok[0])
         if t not in stop_ids:  # the stream ends right after a stop token (and fills the stats)
             yield t

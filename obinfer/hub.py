@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from obinfer.gguf_import import default_weights_dir
+from obinfer.errors import ObinferError
+from obinfer.storage import OutputExistsError, atomic_dir, default_weights_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ _REPO_ID_RE = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
 Downloader = Callable[..., Any]
 
 
-class HubError(RuntimeError):
+class HubError(ObinferError, RuntimeError):
     """A Hub download failed or produced an unusable checkpoint."""
 
 
@@ -88,7 +87,7 @@ def download(
 
     Args:
         repo_id: Hub repository, e.g. ``"Qwen/Qwen2.5-0.5B-Instruct"``.
-        weights_dir: checkpoint root; defaults to :func:`obinfer.gguf_import.default_weights_dir`.
+        weights_dir: checkpoint root; defaults to :func:`obinfer.storage.default_weights_dir`.
         revision: branch, tag or commit (default: the repo's default branch).
         token: Hub token, passed through to the downloader.
         downloader: ``snapshot_download``-compatible callable; defaults to :func:`default_downloader`.
@@ -104,24 +103,26 @@ def download(
     root = Path(weights_dir) if weights_dir is not None else default_weights_dir()
     out = root / name
     if (out / "config.json").is_file():
-        logger.info("%s already present at %s", repo_id, out)
+        logger.debug("%s already present at %s", repo_id, out)
         return out
     if out.exists():
         raise HubError(f"{out} exists but holds no config.json; delete it and retry")
     fetch = downloader if downloader is not None else default_downloader()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
     try:
-        fetch(
-            repo_id=repo_id, revision=revision, token=token, local_dir=str(tmp), allow_patterns=ALLOW_PATTERNS
-        )
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local-dir bookkeeping
-        _check_snapshot(tmp, repo_id)
-        os.rename(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, HubError) or not isinstance(exc, Exception):
+        with atomic_dir(out) as tmp:
+            try:
+                fetch(
+                    repo_id=repo_id,
+                    revision=revision,
+                    token=token,
+                    local_dir=str(tmp),
+                    allow_patterns=ALLOW_PATTERNS,
+                )
+            except Exception as exc:
+                raise HubError(f"cannot download {repo_id}: {_first_line(exc)}") from exc
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local-dir bookkeeping
+            _check_snapshot(tmp, repo_id)
+    except OutputExistsError:  # another process downloaded it while we waited for the lock
+        if not (out / "config.json").is_file():
             raise
-        raise HubError(f"cannot download {repo_id}: {_first_line(exc)}") from exc
     return out

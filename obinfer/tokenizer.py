@@ -38,6 +38,8 @@ from typing import Any, Protocol
 import regex
 import tiktoken
 
+from obinfer.errors import ObinferError
+
 log = logging.getLogger(__name__)
 
 LLAMA3_PATTERN = (
@@ -52,7 +54,7 @@ _TEMPLATE_TOKENS = tuple(f"{name}_token" for name in ("bos", "eos", "unk", "sep"
 DEFAULT_SENTINEL = "<<OBINFER_USER_TEXT>>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ObinferError, ValueError):
     """A tokenizer file is missing, malformed or of an unsupported kind."""
 
 

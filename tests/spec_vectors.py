@@ -1,4 +1,4 @@
-"""Test vectors of shared/docs/scores.md section 6, Example 2 (used by the score, allocator and press tests).
+"""Test vectors of docs/scores.md section 6, Example 2 (used by the score, allocator and press tests).
 
 n = 10 tokens (context 0..7, window at positions 8 and 9), d = 2, H_kv = 2 KV heads, G = 2.
 """

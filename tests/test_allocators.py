@@ -213,3 +213,21 @@ def test_keep_indices_sorted():
     mask = torch.tensor([[[True, False, True], [False, False, False]]])
     out = keep_indices(mask)
     assert out[0][0].tolist() == [0, 2] and out[0][1].numel() == 0
+
+
+# ---------------------------------------------------------------- option checks
+def test_allocator_options_are_checked():
+    from obinfer.cache.policies import PressError
+    from obinfer.errors import ObinferError
+
+    s = torch.zeros(1, 2, 4)
+    for bad in (-0.1, 1.5, float("nan"), "0.2", True):
+        with pytest.raises(PressError, match="alpha must be a number in"):
+            adakv(s, 2, alpha=bad)
+    for bad in (-1, 1.5, "1"):
+        with pytest.raises(PressError, match="min_safe must be an integer >= 0"):
+            adakv(s, 2, min_safe=bad)
+    for bad in (-0.5, float("inf"), "0.5", None):
+        with pytest.raises(PressError, match="compression_ratio must be a number in"):
+            n_kept_for(10, bad)
+    assert issubclass(PressError, ObinferError) and issubclass(PressError, ValueError)

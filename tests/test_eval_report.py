@@ -206,3 +206,117 @@ def test_cli_report(tmp_path, capsys):
     assert not (tmp_path / "r" / "plots").exists()
     assert cli.main(["report", str(tmp_path / "nothing")]) == 2
     assert "no results" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bad input
+def _one_line_error(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("obinfer: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def _damaged(tmp_path):
+    """A results file with a torn line (3), an undecodable one (5) and a non-row (7) among good rows."""
+    lines = [json.dumps(r) + "\n" for r in _rows()]
+    lines[2] = lines[2][:25] + "\n"
+    lines[4] = '{"task": "caf\xe9"}\n'
+    lines[6] = "[1, 2]\n"
+    path = tmp_path / "r" / "results.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes("".join(lines).encode("utf-8").replace("caf\xe9".encode(), b"caf\xe9"))  # latin-1 byte
+    return path, len(lines) - 3
+
+
+def test_report_warns_about_skipped_lines_and_strict_refuses(tmp_path, capsys):
+    from obinfer import cli
+
+    path, n_good = _damaged(tmp_path)
+    scan = report.scan_results(path)
+    assert len(scan.rows) == n_good
+    assert [(b.line, b.reason) for b in scan.bad] == [
+        (3, "not valid JSON"),
+        (5, "not UTF-8"),
+        (7, "not a JSON object"),
+    ]
+    assert cli.main(["report", str(path.parent), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert "accuracy %" in captured.out
+    warning = captured.err
+    assert warning.startswith("obinfer: warning: skipped 3 unreadable lines:") and warning.count("\n") == 1
+    assert f"{path}:3 (not valid JSON), {path}:5 (not UTF-8), {path}:7 (not a JSON object)" in warning
+    assert "--strict" in warning
+    assert cli.main(["report", str(path.parent), "--no-plots", "--strict"]) == 2
+    _one_line_error(capsys, f"{path}:3: not valid JSON", "3 unreadable lines")
+    with pytest.raises(report.ReportError, match=":3: not valid JSON"):
+        report.read_results(path, strict=True)
+    rows, bad = report.read_results(path, with_errors=True)
+    assert (len(rows), bad) == (n_good, 3)
+
+
+def test_report_rows_missing_fields_are_skipped_not_a_traceback(tmp_path, capsys):
+    from obinfer import cli
+
+    rows = _rows()
+    rows[0] = {k: v for k, v in rows[0].items() if k != "score"}
+    rows[1] = rows[1] | {"ratio": "half"}
+    rows[2] = rows[2] | {"depth": "deep"}
+    _write(tmp_path / "results.jsonl", rows)
+    assert cli.main(["report", str(tmp_path), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable lines" in err and ":1 (missing score)" in err and ":2 (" in err
+
+
+def test_report_bad_paths_and_options(tmp_path, capsys):
+    from obinfer import cli
+
+    nothing = tmp_path / "garbage" / "results.jsonl"
+    nothing.parent.mkdir()
+    nothing.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff binary\n")
+    assert cli.main(["report", str(nothing)]) == 2
+    _one_line_error(capsys, str(nothing), "no readable results", ":1 (")
+    (tmp_path / "d" / "results.jsonl").mkdir(parents=True)
+    assert cli.main(["report", str(tmp_path / "d")]) == 2
+    _one_line_error(capsys, str(tmp_path / "d" / "results.jsonl"), "is a directory")
+    empty = tmp_path / "e" / "results.jsonl"
+    empty.parent.mkdir()
+    empty.write_text("\n")
+    assert cli.main(["report", str(empty)]) == 2
+    _one_line_error(capsys, str(empty), "no results yet")
+    good = tmp_path / "g"
+    _write(good / "results.jsonl", _rows())
+    (good / "plots").write_text("a file")
+    assert cli.main(["report", str(good)]) == 2
+    _one_line_error(capsys, str(good / "plots"), "not a directory")
+    assert cli.main(["report", str(good), "--no-plots", "--bootstrap", "0"]) == 2
+    _one_line_error(capsys, "--bootstrap must be >= 1")
+    assert cli.main(["report", str(good), "--no-plots", "--seed", "-1"]) == 2
+    _one_line_error(capsys, "--seed must be >= 0")
+    with pytest.raises(report.ReportError, match="resamples must be >= 1"):
+        report.make_report(good, plots=False, n_boot=0)
+    with pytest.raises(report.ReportError, match="seed must be >= 0"):
+        report.make_report(good, plots=False, seed=-1)
+
+
+def test_plots_are_replaced_atomically(tmp_path, monkeypatch):
+    """A failure while a PNG is written leaves the previous PNG and no temporary file."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    _write(tmp_path / "results.jsonl", _rows())
+    plot = tmp_path / "plots" / "accuracy_agnostic_1000.png"
+    plot.parent.mkdir()
+    plot.write_bytes(b"old plot")
+
+    def fail_halfway(self, fname, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", fail_halfway)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        report.make_report(tmp_path, n_boot=10)
+    assert err.value.filename == str(plot)
+    assert plot.read_bytes() == b"old plot"
+    assert sorted(p.name for p in plot.parent.iterdir()) == [plot.name]

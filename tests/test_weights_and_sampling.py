@@ -1,14 +1,20 @@
-"""Sharded checkpoints load like single files; the sampler's top-k / top-p / seed behave as specified."""
+"""Sharded checkpoints load like single files; the sampler's top-k / top-p / seed behave as specified;
+bad sampling values, prompts and checkpoints (truncated, missing / mis-shaped / non-float tensors) give one
+clear error naming the value, tensor or file."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from obinfer.generate import Sampling, sample_next
-from obinfer.weights import load_model
+from obinfer.errors import ObinferError
+from obinfer.generate import GenerationError, Sampling, generate, sample_next, stream
+from obinfer.weights import CheckpointError, load_model
 
 
 @torch.no_grad()
@@ -63,3 +69,154 @@ def test_temperature_scales_logits(temperature):
     draws = sample_next(logits.expand(6000, 2), s, s.generator())
     expected = (logits / temperature).softmax(-1)[0, 1]
     assert abs(draws.float().mean() - expected) < 0.03
+
+
+# ---------------------------------------------------------------- bad sampling values, prompts, checkpoints
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"temperature": -1}, r"temperature must be a finite number >= 0 \(0 = greedy\), got -1$"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": "0.7"}, "temperature"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\] \(1 = off\), got 0$"),
+        ({"top_p": 2}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": -3}, r"top_k must be an integer >= 0 \(0 = off\), got -3$"),
+        ({"top_k": 2.5}, "top_k must be an integer"),
+        ({"top_k": True}, "top_k must be an integer"),
+        ({"seed": "1"}, "seed must be an integer"),
+        ({"seed": 1.0}, "seed must be an integer"),
+        ({"seed": 2**64}, "seed must be an integer in"),
+    ],
+)
+def test_sampling_rejects_bad_values(kw, match):
+    with pytest.raises(GenerationError, match=match):
+        Sampling(**kw)
+
+
+def test_sampling_accepts_the_edges():
+    Sampling(temperature=0, top_p=1, top_k=0, seed=None)
+    Sampling(temperature=1e-3, top_p=1e-9, top_k=10**6, seed=2**63)
+    assert issubclass(GenerationError, ObinferError) and issubclass(GenerationError, ValueError)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    return load_model(tiny_llama_dir)
+
+
+@pytest.mark.parametrize(
+    "prompt, kw, match",
+    [
+        ([], {}, r"^the prompt is empty \(0 tokens\)$"),
+        ([5, 320, 6], {}, r"the prompt has token id 320 at index 1, outside the vocabulary \[0, 320\)"),
+        ([-1], {}, r"token id -1 at index 0, outside the vocabulary"),
+        ([5, 6.0], {}, r"the prompt has 6.0 at index 1; token ids must be integers"),
+        ([5, True], {}, r"token ids must be integers"),
+        ("hello", {}, r"the prompt must be a list of token ids, got str"),
+        ([5, 6], {"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1, got 0"),
+        ([5, 6], {"max_new_tokens": 2.0}, r"max_new_tokens must be an integer >= 1"),
+        ([5, 6], {"question": []}, r"the question is empty \(0 tokens\)"),
+        ([5, 6], {"question": [400]}, r"the question has token id 400"),
+        ([5, 6], {"stop_ids": {"x"}}, r"stop_ids must be integer token ids"),
+    ],
+)
+def test_generate_refuses_bad_arguments_at_the_call(tiny_model, prompt, kw, match):
+    with pytest.raises(GenerationError, match=match):
+        generate(tiny_model, prompt, **kw)  # raised at the call, before any forward pass
+
+
+def test_stream_refuses_bad_batches(tiny_model):
+    with pytest.raises(GenerationError, match=r"no prompts given"):
+        stream(tiny_model, [])
+    with pytest.raises(GenerationError, match=r"^prompt 1 is empty \(0 tokens\)$"):
+        stream(tiny_model, [[5, 6], []])
+    with pytest.raises(GenerationError, match="questions must have equal lengths"):
+        stream(tiny_model, [[5, 6], [7]], questions=[[8], [9, 10]])
+    with pytest.raises(GenerationError, match="1 questions for 2 prompts"):
+        stream(tiny_model, [[5, 6], [7]], questions=[[8]])
+    with pytest.raises(GenerationError, match="the cache holds 1 rows but 2 prompts"):
+        stream(tiny_model, [[5, 6], [7]], cache=tiny_model.new_cache(1))
+    s = Sampling()
+    s.top_p = 0  # changed after it was made: checked again by stream
+    with pytest.raises(GenerationError, match="top_p"):
+        stream(tiny_model, [[5, 6]], sampling=s)
+    # a tensor prompt and numpy-style integers are fine
+    assert len(list(generate(tiny_model, torch.tensor([5, 6, 7]), max_new_tokens=2))) == 2
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(model_dir, change):
+    """Load model.safetensors, apply change(dict) and save it back."""
+    f = model_dir / "model.safetensors"
+    state = load_file(f)
+    change(state)
+    save_file(state, f)
+    return f
+
+
+def test_truncated_or_corrupt_safetensors(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    for blob in (data[: len(data) // 2], data[:20], b"not a safetensors file at all", b""):
+        f.write_bytes(blob)
+        with pytest.raises(CheckpointError, match=rf"cannot read {re.escape(str(f))} \(truncated or corrupt"):
+            load_model(d)
+
+
+def test_missing_tensor_names_it(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    _rewrite(d, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model.layers.1.mlp.up_proj.weight$"):
+        load_model(d)
+
+
+def test_wrong_shape_names_tensor_and_file(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    f = _rewrite(d, lambda s: s.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor model.norm.weight in {re.escape(str(f))} has shape \(65,\), config.json expects \(64,\)",
+    ):
+        load_model(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.uint8])
+def test_non_float_dtype_names_tensor_and_file(tiny_llama_dir, tmp_path, dtype):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    f = _rewrite(d, lambda s: s.update({"model.norm.weight": torch.ones(64, dtype=dtype)}))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor model.norm.weight in {re.escape(str(f))} has dtype \w+, which cannot be cast",
+    ):
+        load_model(d)
+
+
+def test_tensor_in_two_shards(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    names = sorted(state)
+    save_file({k: state[k] for k in names[:10]}, d / "a.safetensors")
+    save_file({k: state[k] for k in names[9:]}, d / "b.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(names[9])} is stored twice"):
+        load_model(d)
+
+
+def test_half_checkpoints_load_and_dtype_device_checks(tiny_llama_dir, tmp_path):
+    d = _copy(tiny_llama_dir, tmp_path / "m")
+    _rewrite(d, lambda s: s.update({k: v.to(torch.bfloat16) for k, v in s.items()}))
+    assert load_model(d).dtype == torch.float32  # bf16 weights are cast
+    with pytest.raises(CheckpointError, match="unknown dtype 'int8'"):
+        load_model(d, dtype="int8")
+    with pytest.raises(CheckpointError, match="unsupported dtype torch.int8"):
+        load_model(d, dtype=torch.int8)
+    with pytest.raises(ObinferError, match="unknown device 'gpu0'"):
+        load_model(d, device="gpu0")

@@ -10,14 +10,29 @@ finite score; if a head has more protected slots than its budget, it keeps only 
 lowest slot indices (policies that want the most recent ones must give them graded scores). kvpress
 scores its protected window ``max + 1`` and takes an unordered top-k, so which protected slots survive
 in that case is unspecified there.
+
+The user-facing settings (``compression_ratio``, ``alpha``, ``min_safe``) are checked here too and raise
+``PressError`` (a ``ValueError``); malformed score or budget tensors raise a plain ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 from torch import Tensor
 
+from obinfer.cache.policies import PressError, is_int
+
 NEG_INF = float("-inf")
+
+
+def _fraction(name: str, v: object) -> float:
+    """v as a float in [0, 1], or PressError naming it."""
+    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise PressError(f"{name} must be a number in [0, 1], got {v!r}")
+    return float(v)
 
 
 def n_kept_for(n_valid: Tensor | int, compression_ratio: float) -> Tensor | int:
@@ -33,8 +48,7 @@ def n_kept_for(n_valid: Tensor | int, compression_ratio: float) -> Tensor | int:
     Returns:
         int, or long tensor of the same shape.
     """
-    if not 0.0 <= compression_ratio <= 1.0:
-        raise ValueError(f"compression_ratio must be in [0, 1], got {compression_ratio}")
+    _fraction("compression_ratio", compression_ratio)
     keep = 1.0 - compression_ratio
     if isinstance(n_valid, int):
         return max(1, int(n_valid * keep)) if n_valid >= 1 else 0
@@ -114,8 +128,9 @@ def adakv(scores: Tensor, n_kept: Tensor | int, alpha: float = 0.2, min_safe: in
         (B, Hkv, n) bool keep-mask; each row keeps min(Hkv * n_kept, valid slots) slots.
     """
     _check(scores)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _fraction("alpha", alpha)
+    if not is_int(min_safe) or min_safe < 0:
+        raise PressError(f"min_safe must be an integer >= 0, got {min_safe!r}")
     B, Hkv, n = scores.shape
     budget = _budget(n_kept, B, scores.device)
     if budget.shape[1] != 1:

@@ -6,23 +6,58 @@ The saliency term itself comes from a pluggable score (`scores.py`): `attn`, `ob
 OBCache variants keep everything of the baseline policy and change only that term (scores.md section 3).
 
 Spec: docs/scores.md section 3. Defaults follow kvpress where it has the method.
+
+Every option is type- and range-checked when the policy is made (`__post_init__`): a bad value raises
+`PressError` naming the policy, the option and the expected type, e.g.
+``snapkv option window must be an integer >= 1, got 0``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from obinfer.cache.kv_cache import LayerCache
 from obinfer.cache.scores import ScoreFn, ScoreInputs, pool_scores, score_queries_chunked
+from obinfer.errors import ObinferError
 
 INF = float("inf")
 
 
-class PressError(ValueError):
-    """A press that cannot run: unknown name, bad ratio or budget, prompt too short for the policy."""
+class PressError(ObinferError, ValueError):
+    """A press that cannot run: unknown name or option, bad ratio, budget or option value."""
+
+
+def _show(v: Any) -> str:
+    """`'yes' (str)`, `2.5 (float)`, `-4`: the value, and its type unless it is a plain int."""
+    return repr(v) if type(v) is int else f"{v!r} ({type(v).__name__})"
+
+
+def is_int(v: Any) -> bool:
+    """A real integer (Python or numpy), not a bool."""
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def check_int(owner: str, name: str, v: Any, minimum: int, allow_none: bool = False) -> None:
+    """PressError unless v is an integer >= minimum (or None when allowed)."""
+    if (v is None and allow_none) or (is_int(v) and v >= minimum):
+        return
+    none = " or None" if allow_none else ""
+    raise PressError(f"{owner} option {name} must be an integer >= {minimum}{none}, got {_show(v)}")
+
+
+def check_bool(owner: str, name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise PressError(f"{owner} option {name} must be a bool (true or false), got {_show(v)}")
+
+
+def check_choice(owner: str, name: str, v: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(v, str) or v not in choices:
+        raise PressError(f"{owner} option {name} must be one of {', '.join(choices)}; got {_show(v)}")
 
 
 @dataclass
@@ -32,6 +67,10 @@ class Policy:
     name = "policy"
     uses_score = True
     decode_time = False
+
+    def observed_queries(self, n: int) -> int | None:
+        """Prompt queries whose attention scores the keys for a prompt of n tokens (None: unknown)."""
+        return None
 
     def prefill_scores(
         self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str, n_kept: Tensor | None
@@ -65,25 +104,63 @@ def _invalid(scores: Tensor, pos: Tensor) -> Tensor:
 
 @dataclass
 class SnapKV(Policy):
-    """SnapKV: the last `window` prompt queries observe; scores pooled; the window is always kept."""
+    """SnapKV: the last `window` prompt queries observe; scores pooled; the window is always kept.
+
+    Options: `window` (observation queries, >= 1), `kernel` (odd pooling size >= 1), `pooling`
+    ("avg" or "max").
+
+    A prompt of at most `window` tokens is observed whole (the window shrinks to the prompt), a
+    deliberate difference from kvpress, which refuses such prompts. No key then precedes the window, so
+    the window is not protected (that would keep every token); each key is instead scored by the mean of
+    its score over the queries that see it (key p is seen by the n - p queries at or after it, as in
+    kvpress's ObservedAttentionPress), then pooled as usual. In a left-padded batch this applies row by
+    row; longer rows are scored exactly as before.
+    """
 
     name = "snapkv"
     window: int = 64
     kernel: int = 5
     pooling: str = "avg"  # or "max" (the OBCache paper uses max-pool, kernel 7)
 
+    def __post_init__(self) -> None:
+        check_int(self.name, "window", self.window, 1)
+        check_int(self.name, "kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise PressError(
+                f"snapkv option kernel must be odd (pooling keeps the length), got {self.kernel}"
+            )
+        check_choice(self.name, "pooling", self.pooling, ("avg", "max"))
+
+    def observed_queries(self, n: int) -> int:
+        return min(self.window, n)
+
     def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
         k, v, pos = layer.dense()
         n = k.shape[2]
-        if n <= self.window:
-            raise PressError(f"snapkv needs a prompt longer than its window ({self.window} tokens), got {n}")
-        w = self.window
+        w = min(self.window, n)
         s = score(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa))  # (B, Hkv, n)
+        short = (pos[:, 0] >= 0).sum(-1) <= self.window  # (B,) rows observed whole
+        if bool(short.all()):
+            return _invalid(self._whole_prompt(s, pos, q_pos[:, -w:]), pos)
         ctx = s[..., : n - w].masked_fill(pos[..., : n - w] < 0, 0.0)
-        s = torch.cat(
+        out = torch.cat(
             [pool_scores(ctx, self.kernel, self.pooling), torch.full_like(s[..., n - w :], INF)], -1
         )
-        return _invalid(s, pos)
+        if bool(short.any()):
+            out = torch.where(short[:, None, None], self._whole_prompt(s, pos, q_pos[:, -w:]), out)
+        return _invalid(out, pos)
+
+    def _whole_prompt(self, s: Tensor, pos: Tensor, obs_pos: Tensor) -> Tensor:
+        """Scores when the window covers the prompt: mean over the observing queries that see each key.
+
+        s: (B, Hkv, n) summed scores; pos: (B, Hkv, n) key positions; obs_pos: (B, W) positions of the
+        observation queries (negative: padding), consecutive within a row.
+        """
+        last = obs_pos[:, -1][:, None, None]  # (B, 1, 1)
+        m = (obs_pos >= 0).sum(-1)[:, None, None]  # valid observation queries per row
+        seen_by = ((last - pos).clamp_min(0).minimum(m - 1) + 1).clamp_min(1)
+        mean = (s / seen_by).masked_fill(pos < 0, 0.0)
+        return pool_scores(mean, self.kernel, self.pooling)
 
 
 @dataclass
@@ -93,6 +170,12 @@ class TOVA(Policy):
     name = "tova"
     decode_time = True
     per_head: bool = False  # option: each KV head ranks by its own group's score
+
+    def __post_init__(self) -> None:
+        check_bool(self.name, "per_head", self.per_head)
+
+    def observed_queries(self, n: int) -> int:
+        return min(1, n)
 
     def _last_query(self, q, q_pos, layer, score, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
@@ -113,9 +196,11 @@ class TOVA(Policy):
 class H2O(Policy):
     """H2O: scores accumulated over every query seen (prefill, then decode); recent tokens protected.
 
-    `recent`: protected most-recent tokens (None = half the budget, the paper's split).
+    `recent`: protected most-recent tokens (None = half the budget, the paper's split; more than the
+    prompt simply protects the whole prompt).
     `normalize="visible"`: divide each key's prefill sum by the number of queries that see it and use
     no recent window (kvpress ObservedAttentionPress, prefill only).
+    `chunk`: queries scored at once (memory, not results).
     """
 
     name = "h2o"
@@ -124,6 +209,16 @@ class H2O(Policy):
     normalize: str = "none"  # or "visible"
     chunk: int = 256
     acc_name: str = field(default="h2o", repr=False)
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "recent", self.recent, 0, allow_none=True)
+        check_choice(self.name, "normalize", self.normalize, ("none", "visible"))
+        check_int(self.name, "chunk", self.chunk, 1)
+        if not isinstance(self.acc_name, str) or not self.acc_name:
+            raise PressError(f"h2o option acc_name must be a non-empty string, got {_show(self.acc_name)}")
+
+    def observed_queries(self, n: int) -> int:
+        return n
 
     def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
         k, v, pos = layer.dense()
@@ -168,6 +263,12 @@ class StreamingLLM(Policy):
     uses_score = False
     sinks: int = 4
 
+    def __post_init__(self) -> None:
+        check_int(self.name, "sinks", self.sinks, 0)
+
+    def observed_queries(self, n: int) -> int:
+        return 0
+
     def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
         _, _, pos = layer.dense()
         s = pos.float().masked_fill((pos >= 0) & (pos < self.sinks), INF)
@@ -181,6 +282,9 @@ class Knorm(Policy):
     name = "knorm"
     uses_score = False
 
+    def observed_queries(self, n: int) -> int:
+        return 0
+
     def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
         k, _, pos = layer.dense()
         return _invalid(-k.float().norm(dim=-1), pos)
@@ -193,6 +297,15 @@ class Random(Policy):
     name = "random"
     uses_score = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not is_int(self.seed) or not -(2**63) <= self.seed < 2**64:
+            raise PressError(
+                f"random option seed must be an integer in [-2**63, 2**64), got {_show(self.seed)}"
+            )
+
+    def observed_queries(self, n: int) -> int:
+        return 0
 
     def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
         _, _, pos = layer.dense()

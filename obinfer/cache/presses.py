@@ -2,17 +2,23 @@
 
     >>> press = make_press("adakv-snapkv-obk", compression_ratio=0.5)
     >>> stats = GenStats()
-    >>> logits = model(ids, cache, observer=press.prefill_observer(stats))  # compresses layer by layer
+    >>> logits = model(torch.tensor([ids]), cache, observer=press.prefill_observer(stats))  # compresses
 
 Budgets: `compression_ratio` (fraction removed per head, kvpress semantics) or `budget` (tokens kept
 per head). With a budget, decode-time policies (H2O, TOVA) also evict while decoding, so every head
 is back within its budget at the end of every step.
+
+Every setting is checked when the press is made, before any model runs: the ratio or budget, the
+allocator's alpha / min_safe, gqa, and each policy option (an unknown option lists the ones the policy
+has; see `obinfer/cache/policies.py` for the ranges). Errors are `PressError`, one line.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from numbers import Real
 from typing import Any
 
 import torch
@@ -20,8 +26,8 @@ from torch import Tensor
 
 from obinfer.cache import allocators
 from obinfer.cache.kv_cache import LayerCache
-from obinfer.cache.policies import INF, POLICIES, Policy, PressError
-from obinfer.cache.scores import SCORES, get_score
+from obinfer.cache.policies import INF, POLICIES, Policy, PressError, is_int
+from obinfer.cache.scores import GQA_MODES, SCORES, get_score
 
 ALLOCATORS = ("uniform", "adakv")
 
@@ -39,20 +45,36 @@ class Press:
     scoring_s: float = 0.0  # time spent scoring and choosing the kept slots
     compact_s: float = 0.0  # time spent compacting the cache (gathering the kept K/V)
     bytes_before: int = 0  # K/V bytes of the layers just before their compression
+    # prompt queries that scored the keys in the last prefill (see GenStats.observed_queries): e.g.
+    # snapkv's window, or fewer when the prompt is not longer than the window; None until a layer is scored
+    observed_queries: int | None = None
     head_budgets: dict[int, list[int]] = field(default_factory=dict, repr=False)
     # layer -> budget-independent scores; share one dict between presses that differ only in their budget
     # (same policy, score, gqa) and compress forks of the same prefill, and each layer is scored once
     score_memo: dict[int, Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.policy, Policy):
+            raise PressError(f"policy must be a Policy instance, got {type(self.policy).__name__}")
         if (self.compression_ratio is None) == (self.budget is None):
             raise PressError("give exactly one of compression_ratio and budget")
-        if self.compression_ratio is not None and not 0.0 <= self.compression_ratio < 1.0:
-            raise PressError(f"compression ratio must be in [0, 1), got {self.compression_ratio}")
-        if self.budget is not None and self.budget < 1:
-            raise PressError(f"cache budget must be at least 1 token per head, got {self.budget}")
-        if self.allocator not in ALLOCATORS:
+        cr = self.compression_ratio
+        if cr is not None and (not _is_real(cr) or not 0.0 <= cr < 1.0):  # NaN fails too
+            raise PressError(f"compression ratio must be a number in [0, 1), got {_show(cr)}")
+        if self.budget is not None and (not is_int(self.budget) or self.budget < 1):
+            raise PressError(
+                f"cache budget must be an integer >= 1 (tokens per head), got {_show(self.budget)}"
+            )
+        if not isinstance(self.allocator, str) or self.allocator not in ALLOCATORS:
             raise PressError(f"unknown allocator {self.allocator!r} (choose from {', '.join(ALLOCATORS)})")
+        if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+            raise PressError(f"AdaKV alpha must be a number in [0, 1], got {_show(self.alpha)}")
+        if not is_int(self.min_safe) or self.min_safe < 0:
+            raise PressError(f"AdaKV min_safe must be an integer >= 0, got {_show(self.min_safe)}")
+        if not isinstance(self.gqa, str) or self.gqa not in GQA_MODES:
+            raise PressError(f"gqa must be one of {', '.join(GQA_MODES)}, got {self.gqa!r}")
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise PressError(f"unknown score {self.score!r}; valid scores: {', '.join(sorted(SCORES))}")
         self._score_fn = get_score(self.score)
 
     @property
@@ -78,9 +100,11 @@ class Press:
         if bool((n_kept >= n_valid).all()) and layer.n_invalid == 0:
             if self.decode_evicts:
                 self.policy.prefill_scores(q, q_pos, layer, self._score_fn, self.gqa, n_kept)  # accumulators
+                self.observed_queries = self.policy.observed_queries(int(n_valid.min()))
                 self.head_budgets[idx] = [self.budget] * layer.n_segments
             self.scoring_s += time.perf_counter() - t0
             return  # nothing to evict: identical to no press
+        self.observed_queries = self.policy.observed_queries(int(n_valid.min()))
         raw = None if self.score_memo is None else self.score_memo.get(idx)
         if raw is None:
             raw = self.policy.raw_scores(q, q_pos, layer, self._score_fn, self.gqa)
@@ -103,11 +127,13 @@ class Press:
     def prefill_observer(self, stats: Any = None):  # noqa: ANN201
         """An observer for `Transformer.forward` that compresses each layer right after its attention."""
         self.scoring_s, self.compact_s, self.bytes_before, self.head_budgets = 0.0, 0.0, 0, {}
+        self.observed_queries = None
 
         def observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
             self.compress_layer(idx, q, q_pos, layer)
             if stats is not None:
                 stats.scoring_s, stats.compact_s = self.scoring_s, self.compact_s
+                stats.observed_queries = self.observed_queries
 
         return observe
 
@@ -152,6 +178,19 @@ class Press:
         return observe
 
 
+def _is_real(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _show(v: Any) -> str:
+    return repr(v) if type(v) in (int, float) or v is None else f"{v!r} ({type(v).__name__})"
+
+
+def policy_options(policy: str) -> list[str]:
+    """The options (dataclass fields) a policy takes, e.g. ["window", "kernel", "pooling"] for snapkv."""
+    return [f.name for f in fields(POLICIES[policy]) if f.init and f.repr]
+
+
 def _argmin_first(s: Tensor) -> Tensor:
     """Index of the lowest score; ties -> the lowest slot index."""
     return torch.nonzero(s == s.min(), as_tuple=True)[0][0]
@@ -191,16 +230,29 @@ def make_press(
     Args:
         policy_options: fields of the policy dataclass, e.g. window=32 for snapkv, normalize="visible"
             for h2o, per_head=True for tova.
+    Raises:
+        PressError: an unknown name or option (listing the valid ones), or a bad value (naming the
+            option and the expected type or range).
     """
+    if not isinstance(name, str):
+        raise PressError(f"press name must be a string, got {_show(name)}")
     if name in ("full", "none"):
+        if policy_options:
+            raise PressError(f"press {name} takes no options, got {', '.join(policy_options)}")
         return None
     allocator, policy, score = parse_press_name(name)
-    cls = POLICIES[policy]
-    try:
-        pol = cls(**policy_options)
-    except TypeError:
-        raise PressError(f"unknown option for {policy}: {', '.join(policy_options)}") from None
+    known = {f.name for f in fields(POLICIES[policy]) if f.init}
+    unknown = [k for k in policy_options if k not in known]
+    if unknown:
+        has = policy_options_text(policy)
+        raise PressError(f"unknown option {', '.join(unknown)} for {policy}; {has}")
+    pol = POLICIES[policy](**policy_options)  # each option is checked by the policy (PressError)
     return Press(pol, score, allocator, compression_ratio, budget, alpha=alpha, gqa=gqa)
+
+
+def policy_options_text(policy: str) -> str:
+    opts = policy_options(policy)
+    return f"its options are: {', '.join(opts)}" if opts else f"{policy} takes no options"
 
 
 def describe_presses() -> list[tuple[str, str]]:
@@ -216,4 +268,13 @@ def describe_presses() -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["INF", "Press", "PressError", "make_press", "parse_press_name", "press_names", "describe_presses"]
+__all__ = [
+    "INF",
+    "Press",
+    "PressError",
+    "make_press",
+    "parse_press_name",
+    "policy_options",
+    "press_names",
+    "describe_presses",
+]

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from obinfer.cli import UserError, add_model_args, load
+from obinfer.cli import add_model_args, load
+from obinfer.errors import UserError
+from obinfer.storage import atomic_write_text
 
 DEFAULT_PRESSES = "full,snapkv,snapkv-obk"
 RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
@@ -54,26 +56,41 @@ def _tasks(text: str) -> list[str]:
     return tasks
 
 
+def _read_run(path: Path) -> dict[str, Any]:
+    """The settings recorded in OUT/run.json; UserError naming the file if it cannot be read."""
+    try:
+        old = json.loads(path.read_bytes().decode("utf-8"))
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not the run settings file (remove it)") from None
+    except UnicodeDecodeError:
+        why = "not UTF-8"
+    except json.JSONDecodeError:
+        why = "not valid JSON"
+    else:
+        if isinstance(old, dict):
+            return old
+        why = "not a JSON object"
+    raise UserError(
+        f"{path} is unreadable ({why}): delete it to resume without checking the model and settings "
+        "(it is then rewritten), or use another --out"
+    )
+
+
 def _check_run(out: Path, info: dict[str, Any], resume: bool) -> None:
     """Refuse to resume a directory produced with another model, dtype, seed or chat setting."""
     path = out / RUN_FILE
-    if resume and path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    if resume and path.exists():
+        old = _read_run(path)
         diff = [k for k in ("model", "dtype", "seed", "chat") if old.get(k) != info.get(k)]
         if diff:
             what = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in diff)
             raise UserError(f"--resume on {out} with different settings ({what}); use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from obinfer.eval.runner import EvalError
-
-    try:
-        _eval(args)
-    except EvalError as e:
-        raise UserError(str(e)) from None
+    _eval(args)
 
 
 def _samples(
@@ -84,32 +101,32 @@ def _samples(
     count, samples = count_tokens_fn(tok), []
     for length in lengths:
         for task in tasks:
-            try:
-                samples += load_or_make_samples(
-                    out, task, length, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
-                )
-            except FileNotFoundError:
-                raise
-            except ValueError as e:  # e.g. a length too small for the task
-                raise UserError(str(e)) from None
+            samples += load_or_make_samples(
+                out, task, length, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
+            )
     return samples
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from obinfer.eval.runner import EvalConfig, run_eval
+    from obinfer.eval.runner import EvalConfig, check_length, check_out_dir, run_eval
+    from obinfer.eval.tasks import TASKS
 
     modes = ["aware"] if args.query_aware else _split(args.modes, "modes")
     tasks, lengths = _tasks(args.tasks), _ints(args.length, "length")
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+    for task in tasks:  # too small for a task: before the model is loaded
+        for length in lengths:
+            check_length(task, length, TASKS[task].max_new_tokens)
     presses, ratios = _split(args.presses, "presses"), _floats(args.ratios, "ratios")
     cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill)  # validates
     out = Path(args.out)
-    if (out / "results.jsonl").is_file() and not args.resume and (out / "results.jsonl").stat().st_size:
-        raise UserError(
-            f"{out / 'results.jsonl'} already exists: pass --resume to continue it, or another --out"
-        )
+    check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
     model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
+    limit = model.cfg.max_position_embeddings
+    for task in tasks:  # too large for the model: before any sample is generated
+        for length in lengths:
+            check_length(task, length, TASKS[task].max_new_tokens, limit, args.max_new_tokens)
     cfg.model_name = Path(model_dir).name
     chat = tok.has_chat_template if args.chat is None else args.chat
     _check_run(
@@ -127,8 +144,17 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     if args.bootstrap < 1:
         raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     text, paths = make_report(
-        args.results, args.per_task, args.plots_dir, not args.no_plots, n_boot=args.bootstrap, seed=args.seed
+        args.results,
+        args.per_task,
+        args.plots_dir,
+        not args.no_plots,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        strict=args.strict,
+        warn=lambda msg: print(f"obinfer: warning: {msg}", file=sys.stderr),
     )
     print(text)
     for p in paths:
@@ -206,6 +232,11 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--no-plots", action="store_true", help="tables only")
     r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    r.add_argument(
+        "--strict",
+        action="store_true",
+        help="an unreadable line in the results file is an error (default: skipped with a warning)",
+    )
     r.set_defaults(func=cmd_report)
     f = sub.add_parser(
         "fetch-essays", help="download the Paul Graham essays used by the essay haystack tasks"

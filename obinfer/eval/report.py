@@ -15,11 +15,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from obinfer.errors import ObinferError
+from obinfer.storage import atomic_path
+
+logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 FULL = "full"
@@ -36,35 +43,127 @@ Rows = list[dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------ reading
+class ReportError(ObinferError, ValueError):
+    """A results file that cannot be read (corrupt lines with ``strict``) or a bad report option."""
+
+
+class ResultsMissing(ObinferError, FileNotFoundError):
+    """No results file (or an empty one) where results were expected."""
+
+
+RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
+
+
+@dataclass
+class BadLine:
+    """A line of a results file that is not a usable result row."""
+
+    line: int  # 1-based line number
+    offset: int  # byte offset of the line's start
+    reason: str
+
+
+@dataclass
+class ResultsScan:
+    """Everything :func:`scan_results` found in a results file.
+
+    ``last_line`` is the number of the last non-blank line (0 if none); ``data`` the file's bytes.
+    """
+
+    path: Path
+    rows: Rows
+    bad: list[BadLine]
+    last_line: int
+    data: bytes
+
+    def describe(self, bad: Sequence[BadLine] | None = None, first: int = 3) -> str:
+        """``PATH:3 (not valid JSON), PATH:9 (...) and 2 more`` for the first few bad lines."""
+        bad = self.bad if bad is None else bad
+        text = ", ".join(f"{self.path}:{b.line} ({b.reason})" for b in bad[:first])
+        return text + (f" and {len(bad) - first} more" if len(bad) > first else "")
+
+
 def results_path(path: Path | str) -> Path:
     """The results file: `path` itself, or ``path/results.jsonl`` for a directory."""
     p = Path(path)
     return p / RESULTS_FILE if p.is_dir() else p
 
 
-def read_results(path: Path | str, with_errors: bool = False) -> Any:
-    """Rows of a results JSONL file (or directory); lines that are not complete JSON objects are skipped.
+def row_problem(row: Any) -> str | None:
+    """Why a decoded JSON value is not a usable result row, or None if it is."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    missing = [k for k in RESULT_FIELDS if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not all(isinstance(row[k], str) for k in ("task", "press", "mode")):
+        return "task, press and mode must be strings"
+    depth = row.get("depth")
+    if depth is not None and not isinstance(depth, list):
+        return "depth must be a list"
+    try:
+        for x in (row["ratio"], row["score"], *(depth or [])):
+            float(x)
+        int(row["length"]), int(row["index"])
+    except (TypeError, ValueError, OverflowError):
+        return "length, index, ratio, score and depth must be numbers"
+    return None
 
+
+def scan_results(path: Path | str) -> ResultsScan:
+    """Read a results JSONL file (or directory) line by line, keeping the bad lines' numbers and reasons.
+
+    A line is bad if it is not UTF-8, not JSON, or not a result row (see :func:`row_problem`); blank
+    lines are ignored. Raises ResultsMissing if there is no such file and OSError if it cannot be read.
+    """
+    p = results_path(path)
+    if p.is_dir():
+        raise ReportError(f"{p} is a directory, not a results file")
+    if not p.is_file():
+        raise ResultsMissing(f"no results found at {p} (run `obinfer eval --out DIR` first)")
+    data = p.read_bytes()
+    rows: Rows = []
+    bad: list[BadLine] = []
+    offset, last = 0, 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        last = number
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append(BadLine(number, start, "not UTF-8"))
+            continue
+        except (json.JSONDecodeError, RecursionError):
+            bad.append(BadLine(number, start, "not valid JSON"))
+            continue
+        why = row_problem(row)
+        if why is None:
+            rows.append(row)
+        else:
+            bad.append(BadLine(number, start, why))
+    return ResultsScan(p, rows, bad, last, data)
+
+
+def read_results(path: Path | str, with_errors: bool = False, strict: bool = False) -> Any:
+    """Rows of a results JSONL file (or directory); unusable lines are skipped (see :func:`scan_results`).
+
+    Args:
+        strict: raise ReportError naming the file and line of the first unusable line instead.
     Returns:
         rows, or (rows, number of skipped lines) with ``with_errors``.
     """
-    p = results_path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no results found at {p} (run `obinfer eval --out DIR` first)")
-    rows, bad = [], 0
-    for line in p.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-        else:
-            bad += 1
-    return (rows, bad) if with_errors else rows
+    scan = scan_results(path)
+    if strict and scan.bad:
+        raise ReportError(_bad_lines_error(scan))
+    return (scan.rows, len(scan.bad)) if with_errors else scan.rows
+
+
+def _bad_lines_error(scan: ResultsScan) -> str:
+    b, n = scan.bad[0], len(scan.bad)
+    more = f" ({n} unreadable lines in all)" if n > 1 else ""
+    return f"{scan.path}:{b.line}: {b.reason}{more}; fix or delete the line(s) to use this file"
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -235,6 +334,21 @@ def _new_figure(w: float, h: float, layout: str | None = None):  # noqa: ANN202
     return fig
 
 
+def _plots_dir(out_dir: Path | str) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"{out_dir} is a file, not a directory for the plots (use --plots-dir)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    """Write the figure as PNG atomically (a kill never leaves a truncated PNG)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
 def press_style(name: str, families: Sequence[str]) -> dict[str, Any]:
     """Line kwargs: colour from the press family, line style and marker from its score."""
     from matplotlib import colormaps
@@ -247,8 +361,7 @@ def press_style(name: str, families: Sequence[str]) -> dict[str, Any]:
 
 def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
     """``accuracy_<mode>_<length>.png``: accuracy against compression ratio, one line per press."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _plots_dir(out_dir)
     paths = []
     for (mode, length), cells in sorted(accuracy_grid(rows).items()):
         fig = _new_figure(7, 4.5)
@@ -266,9 +379,7 @@ def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        path = out_dir / f"accuracy_{mode}_{length}.png"
-        fig.savefig(path, dpi=110)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"accuracy_{mode}_{length}.png", dpi=110))
     return paths
 
 
@@ -318,7 +429,7 @@ def plot_depth_heatmaps(rows: Rows, out_dir: Path | str) -> list[Path]:
             for p, by_ratio in presses.items():
                 for ratio, rs in by_ratio.items():
                     cells.setdefault((p, ratio), []).extend(rs)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = _plots_dir(out_dir)
         if (FULL, 0.0) in cells:
             paths.append(_full_heatmap(cells[(FULL, 0.0)], lengths, mode, out_dir))
         if any(p != FULL for p, _ in cells):
@@ -333,9 +444,7 @@ def _full_heatmap(rows: Rows, lengths: list[int], mode: str, out_dir: Path) -> P
     ax.set(xlabel="context length (tokens)", ylabel="needle depth (%)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path = out_dir / f"niah_depth_full_{mode}.png"
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, out_dir / f"niah_depth_full_{mode}.png", dpi=110)
 
 
 def _press_heatmaps(
@@ -357,9 +466,7 @@ def _press_heatmaps(
     )
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6)
-    path = out_dir / f"niah_depth_presses_{mode}.png"
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, out_dir / f"niah_depth_presses_{mode}.png", dpi=100)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -370,17 +477,37 @@ def make_report(
     plots: bool = True,
     n_boot: int = 2000,
     seed: int = 0,
+    strict: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[str, list[Path]]:
-    """The report text (tables + comparisons) and the PNGs written (default ``<results>/plots``)."""
-    rows = read_results(results)
-    if not rows:
-        raise FileNotFoundError(f"{results_path(results)} holds no results yet")
+    """The report text (tables + comparisons) and the PNGs written (default ``<results>/plots``).
+
+    Unusable lines of the results file are skipped with one message to `warn` (default: a logged
+    warning) naming the file and the first few line numbers; ``strict=True`` raises ReportError instead.
+    """
+    if n_boot < 1:
+        raise ReportError(f"the number of bootstrap resamples must be >= 1, got {n_boot}")
+    if seed < 0:
+        raise ReportError(f"the bootstrap seed must be >= 0, got {seed}")
+    scan = scan_results(results)
+    if scan.bad and strict:
+        raise ReportError(_bad_lines_error(scan))
+    if scan.bad and not scan.rows:
+        raise ReportError(f"{scan.path} holds no readable results: {scan.describe()}")
+    if not scan.rows:
+        raise ResultsMissing(f"{scan.path} holds no results yet")
+    if scan.bad:
+        n = len(scan.bad)
+        (warn or logger.warning)(
+            f"skipped {n} unreadable line{'s' if n > 1 else ''}: {scan.describe()} "
+            "(--strict makes this an error)"
+        )
+    rows = scan.rows
     text = "\n\n".join(
         [accuracy_tables(rows, per_task), format_comparisons(compare_variants(rows, n_boot, seed))]
     )
     paths: list[Path] = []
     if plots:
-        base = results_path(results).parent
-        pdir = Path(plots_dir) if plots_dir is not None else base / "plots"
+        pdir = Path(plots_dir) if plots_dir is not None else scan.path.parent / "plots"
         paths = plot_accuracy(rows, pdir) + plot_depth_heatmaps(rows, pdir)
     return text, paths

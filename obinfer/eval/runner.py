@@ -16,13 +16,16 @@ queries, layer by layer. The result is the cache a press-in-the-loop prefill wou
 (tests/test_eval_runner.py checks the answers are identical). ``reprefill=True`` runs the naive
 loop (a fresh prefill per press) for timing comparisons.
 
-Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive,
-so an interrupted run loses nothing and ``resume=True`` continues it.
+Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive
+(each line written whole and fsync'ed, or cut back off if the write fails), so an interrupted run loses
+nothing and ``resume=True`` continues it: a line torn by a kill can only be the last one, and resuming
+drops it and redoes that row. Every other file (the samples in ``<out>/data``) is replaced atomically.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,18 +38,23 @@ from torch import Tensor
 
 from obinfer.cache.kv_cache import KVCache, LayerCache
 from obinfer.cache.presses import Press, make_press, parse_press_name
+from obinfer.errors import ObinferError
 from obinfer.eval.metrics import score_row
-from obinfer.eval.report import read_results
+from obinfer.eval.report import ReportError, read_results, scan_results
 from obinfer.generate import stream
 from obinfer.models.llama import Transformer
+from obinfer.storage import atomic_write_bytes, atomic_write_text, oserror_for
 
 MODES = ("agnostic", "aware")
 FULL = "full"
 RESULTS_FILE = "results.jsonl"
 NO_CHAT_SUFFIX = "\n"  # kvpress: the question's suffix when the tokenizer has no chat template
+SAMPLE_FIELDS = ("task", "index", "context", "question", "answer_prefix", "answers", "max_new_tokens")
+
+logger = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(ObinferError, ValueError):
     """A bad evaluation setting or a sample that does not fit the model."""
 
 
@@ -329,18 +337,129 @@ def _cache_fields(cache: KVCache, full_bytes: int, full_tokens: int) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------- the loop
+def _ensure_dir(path: Path, what: str) -> Path:
+    if path.exists() and not path.is_dir():
+        raise EvalError(f"{path} is a file, not a directory ({what})")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_out_dir(out_dir: Path | str, resume: bool, scan: bool = True) -> Path:
+    """Check a results directory before anything runs; returns its results file.
+
+    Raises EvalError if `out_dir` is a file, its results file is a directory, the results file already
+    has rows and `resume` is off, or (resuming, with `scan`) the file has a damaged line other than a
+    torn last one.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / RESULTS_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"{out_dir} is a file, not a results directory (choose another --out)")
+    if path.is_dir():
+        raise EvalError(f"{path} is a directory, not a results file (remove it or choose another --out)")
+    if path.is_file() and path.stat().st_size:
+        if not resume:
+            raise EvalError(
+                f"{path} already exists: pass --resume to continue that run, or choose another --out"
+            )
+        if scan:
+            _scan_for_resume(path)
+    return path
+
+
+def _scan_for_resume(path: Path) -> tuple[list[dict[str, Any]], bytes | None]:
+    """(rows, repaired file content or None): a torn last line is dropped, any other bad line is fatal."""
+    try:
+        scan = scan_results(path)
+    except ReportError as e:
+        raise EvalError(str(e)) from None
+    middle = [b for b in scan.bad if b.line != scan.last_line]
+    if middle:
+        b = middle[0]
+        raise EvalError(
+            f"{path}:{b.line}: {b.reason} (a damaged line before the last one; only a torn last line is "
+            "repaired): fix or delete that line, then rerun with --resume"
+        )
+    if scan.bad:  # the last write was interrupted: keep the complete rows, redo that one
+        return scan.rows, scan.data[: scan.bad[-1].offset]
+    if scan.data and not scan.data.endswith(b"\n"):  # cut just before its newline: the row is whole
+        return scan.rows, scan.data + b"\n"
+    return scan.rows, None
+
+
 def _open_results(path: Path, resume: bool) -> set[tuple]:
-    """Keys already done; repairs a torn last line. Refuses to mix runs unless resuming."""
+    """Keys already done; repairs a torn last line (atomically). Refuses to mix runs unless resuming."""
+    check_out_dir(path.parent, resume, scan=False)
     if not path.exists() or path.stat().st_size == 0:
         return set()
-    if not resume:
-        raise EvalError(f"{path} already exists: pass --resume to continue that run, or choose another --out")
-    rows, n_bad = read_results(path, with_errors=True)
-    if n_bad:  # an interrupted write: rewrite the file with its complete rows only
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
+    rows, repaired = _scan_for_resume(path)
+    if repaired is not None:
+        if len(repaired) < path.stat().st_size:
+            logger.warning(
+                "%s: dropped a torn last line (an interrupted write); its row will be redone", path
+            )
+        atomic_write_bytes(path, repaired)
     return {result_key(r) for r in rows}
+
+
+def _append_line(fd: int, data: bytes, path: Path) -> None:
+    """Append one whole line and fsync it; on any failure cut the file back to where it was."""
+    pos = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException as e:
+        try:
+            os.ftruncate(fd, pos)
+        except OSError:
+            pass  # the next --resume drops the torn line
+        if isinstance(e, OSError):
+            new = oserror_for(path, e)
+            if new is not e:
+                raise new from e
+        raise
+
+
+def _check_lengths(model: Transformer, samples: Sequence[dict[str, Any]], cfg: EvalConfig) -> None:
+    """Fail before running anything if a sample's length budget cannot fit the model's positions."""
+    seen = set()
+    for row in samples:
+        if "max_seq_length" not in row or "max_new_tokens" not in row:
+            continue
+        key = (row["task"], int(row["max_seq_length"]), int(row["max_new_tokens"]))
+        if key not in seen:
+            seen.add(key)
+            check_length(*key, model.cfg.max_position_embeddings, cfg.max_new_tokens)
+
+
+def check_length(
+    task: str,
+    length: int,
+    task_new_tokens: int,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+) -> None:
+    """Raise EvalError if `length` (RULER's max_seq_length) is out of range for the task or the model.
+
+    A sample's prompt gets ``length - task_new_tokens`` tokens and its answer up to ``task_new_tokens``
+    (capped by `max_new_tokens`), so `length` must exceed ``task_new_tokens`` and, given the model's
+    `limit` positions, the prompt plus the capped answer must fit them (the chat template's few extra
+    tokens are checked per sample, when its prompt is built).
+    """
+    if length <= task_new_tokens:
+        raise EvalError(
+            f"length {length} is too small for {task}: it must exceed the task's {task_new_tokens} answer tokens"
+        )
+    new = min(task_new_tokens, max_new_tokens or task_new_tokens)
+    need = length - task_new_tokens + new
+    if limit is not None and need > limit:
+        raise EvalError(
+            f"length {length} does not fit the model: {task} prompts get {length - task_new_tokens} tokens and "
+            f"answers {new}, {need} positions in all, but the model has {limit} (use a smaller --length "
+            "or --max-new-tokens)"
+        )
 
 
 def _pending(
@@ -373,31 +492,38 @@ def run_eval(
             has_chat_template, bos_id).
         samples: rows from `make_ruler` (task, index, context, question, answer_prefix, answers,
             max_new_tokens, max_seq_length, ...).
-        resume: continue an existing results file, skipping finished rows.
+        resume: continue an existing results file, skipping finished rows (a torn last line, left by a
+            kill, is dropped and its row redone).
         on_result: called with each new result row right after it is written.
     Returns:
         Every row of the results file.
+    Raises:
+        EvalError: bad settings, an `out_dir` that is a file, results already there without `resume`,
+            a damaged results file, a sample that does not fit the model.
+        OSError: the results cannot be written (read-only directory, disk full), naming the file.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RESULTS_FILE
+    path = check_out_dir(out_dir, resume, scan=False)
+    _check_lengths(model, samples, cfg)
+    _ensure_dir(out_dir, "the results directory")
     done = _open_results(path, resume)
     work = _pending(samples, cfg, done)
     total = len(samples) * len(cfg.modes) * len(cfg.combos)
     todo = sum(len(c) for _, _, c in work)
     from tqdm import tqdm
 
-    with tqdm(total=total, initial=total - todo, disable=not progress, unit="answer", desc="eval") as bar:
-        with path.open("a", encoding="utf-8") as fh:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        with tqdm(total=total, initial=total - todo, disable=not progress, unit="answer", desc="eval") as bar:
             for row, mode, combos in work:
                 bar.set_postfix_str(f"{row['task']} #{row['index']} {mode}", refresh=False)
                 for res in run_sample(model, tok, row, mode, combos, cfg):
-                    fh.write(json.dumps(res, ensure_ascii=False) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                    _append_line(fd, (json.dumps(res, ensure_ascii=False) + "\n").encode("utf-8"), path)
                     bar.update(1)
                     if on_result is not None:
                         on_result(res)
+    finally:
+        os.close(fd)
     return read_results(path)
 
 
@@ -418,19 +544,75 @@ def load_or_make_samples(
 ) -> list[dict[str, Any]]:
     """The first n samples of (task, length, seed), cached in ``<out>/data/<task>_<length>_<seed>.jsonl``.
 
-    The cache is regenerated when it has fewer than n rows or was built with another haystack (e.g. the
-    noise fallback before the essays were fetched).
+    The cache is derived data: it is (re)generated, deterministically, when it is missing, has fewer
+    than n rows, was built with another haystack (e.g. the noise fallback before the essays were
+    fetched) or another tokenizer, or cannot be read (torn, not UTF-8, not JSON: a warning is logged).
+    It is written atomically.
+
+    Raises:
+        EvalError: n < 1, an unknown task, a length too small for the task; a directory where the
+            sample file should be.
     """
     from obinfer.eval import tasks
 
-    path = sample_path(out_dir, task, length, seed)
+    if n < 1:
+        raise EvalError(f"the number of samples must be >= 1, got {n}")
     want = _haystack_for(task, noise_fallback, essays_dir)
-    if path.is_file():
-        rows = tasks.load_jsonl(path)
-        if len(rows) >= n and all(r.get("haystack") == want for r in rows[:n]):
-            return rows[:n]
-    rows = tasks.make_ruler(task, length, n, seed, count_tokens, noise_fallback, essays_dir)
-    tasks.save_jsonl(rows, path)
+    check_length(task, length, tasks.TASKS[task].max_new_tokens)
+    path = sample_path(out_dir, task, length, seed)
+    rows = _cached_samples(path, task, length, n, want, count_tokens)
+    if rows is not None:
+        return rows
+    try:
+        rows = tasks.make_ruler(task, length, n, seed, count_tokens, noise_fallback, essays_dir)
+    except ObinferError:
+        raise
+    except ValueError as e:  # e.g. a length too small for the task
+        raise EvalError(str(e)) from None
+    _ensure_dir(path.parent, "the sample cache")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def _cached_samples(
+    path: Path, task: str, length: int, n: int, haystack: str | None, count_tokens: Callable[[str], int]
+) -> list[dict[str, Any]] | None:
+    """The first n cached rows if the file holds them for these settings, else None (regenerate)."""
+    if path.is_dir():
+        raise EvalError(f"{path} is a directory, not a sample file (remove it)")
+    if not path.is_file():
+        return None
+    rows = []
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if len(rows) == n:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
+            logger.warning("%s:%d is unreadable (%s); regenerating the samples", path, number, why)
+            return None
+        if not isinstance(row, dict) or any(k not in row for k in SAMPLE_FIELDS):
+            logger.warning("%s:%d is not a sample; regenerating the samples", path, number)
+            return None
+        rows.append(row)
+    if len(rows) < n:
+        return None
+    same = all(
+        r["task"] == task
+        and r.get("max_seq_length") == length
+        and r["index"] == i
+        and r.get("haystack") == haystack
+        for i, r in enumerate(rows)
+    )
+    first = rows[0]
+    if not same or first.get("n_tokens") != count_tokens(
+        first["context"] + first["question"] + first["answer_prefix"]
+    ):
+        logger.info("%s was built with other settings or another tokenizer; regenerating it", path)
+        return None
     return rows
 
 
