@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from obinfer.gguf_import import ensure_default_model
+from obinfer.loading import resolve_model
 from obinfer.weights import load_model
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
-    model_dir = args.model or ensure_default_model()
+    model_dir = resolve_model(args.model)
     g = torch.Generator().manual_seed(0)
     print(
         f"model {model_dir}, torch {torch.__version__}, transformers {transformers.__version__}, "

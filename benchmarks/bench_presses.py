@@ -16,7 +16,7 @@ import torch
 
 from obinfer.cache.presses import make_press
 from obinfer.generate import GenStats, stream
-from obinfer.gguf_import import ensure_default_model
+from obinfer.loading import resolve_model
 from obinfer.weights import load_model
 
 PRESSES = ["full", "snapkv", "snapkv-obk", "adakv-snapkv-obk", "h2o-obk"]
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.model or ensure_default_model())
+    model = load_model(resolve_model(args.model))
     g = torch.Generator().manual_seed(0)
     print(
         f"{'n':>5} {'press':18} {'r':>5} {'prefill s':>9} {'scoring':>8} {'compact':>8} {'decode tok/s':>12} {'vs full':>7} "

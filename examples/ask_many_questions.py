@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from sample_document import DOCUMENT, QUESTIONS
 
+import obinfer
 from obinfer.cache.presses import make_press
 from obinfer.generate import stream
-from obinfer.gguf_import import ensure_default_model
-from obinfer.tokenizer import load_tokenizer
-from obinfer.weights import load_model
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
@@ -36,8 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
 
-    model_dir = args.model or ensure_default_model()
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = obinfer.load(args.model)  # a name, a directory or a hub id; default: the embedded model
     document = Path(args.context_file).read_text() if args.context_file else DOCUMENT
     prefix, suffix = tok.chat_parts() if tok.has_chat_template else ("", "\n")
 

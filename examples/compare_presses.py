@@ -13,11 +13,9 @@ from pathlib import Path
 
 from sample_document import DOCUMENT, NEEDLE
 
+import obinfer
 from obinfer.cache.presses import make_press
-from obinfer.gguf_import import ensure_default_model
 from obinfer.inspect import Inspection, find_text, plot_inspection, run_presses
-from obinfer.tokenizer import load_tokenizer
-from obinfer.weights import load_model
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -32,8 +30,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     p.add_argument("--out", help="also draw the kept positions into this PNG")
     args = p.parse_args(argv)
 
-    model_dir = args.model or ensure_default_model()
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = obinfer.load(args.model)  # a name, a directory or a hub id; default: the embedded model
     document = Path(args.context_file).read_text() if args.context_file else DOCUMENT
     ids = tok.encode(document)
     presses = [make_press(name, compression_ratio=args.compression_ratio) for name in args.presses.split(",")]

@@ -21,12 +21,10 @@ from pathlib import Path
 from sample_document import DOCUMENT, QUESTIONS
 from torch import Tensor
 
+import obinfer
 from obinfer.cache.presses import make_press
 from obinfer.cache.scores import ScoreInputs, register_score
 from obinfer.generate import GenStats, generate
-from obinfer.gguf_import import ensure_default_model
-from obinfer.tokenizer import load_tokenizer
-from obinfer.weights import load_model
 
 
 @register_score("avnorm")
@@ -50,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[list[tuple[int, float
     p.add_argument("--max-new-tokens", type=int, default=24)
     args = p.parse_args(argv)
 
-    model_dir = args.model or ensure_default_model()
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = obinfer.load(args.model)  # a name, a directory or a hub id; default: the embedded model
     document = Path(args.context_file).read_text() if args.context_file else DOCUMENT
     prefix, suffix = tok.chat_parts() if tok.has_chat_template else ("", "\n")
     doc_ids = tok.encode(prefix + document)

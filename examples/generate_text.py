@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+import obinfer
 from obinfer.generate import GenStats, Sampling, generate
-from obinfer.gguf_import import ensure_default_model
-from obinfer.tokenizer import load_tokenizer
-from obinfer.weights import load_model
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -22,8 +20,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    model_dir = args.model or ensure_default_model()  # converts the bundled GGUF on first use
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = obinfer.load(args.model)  # a name, a directory or a hub id; default: the embedded model
     if tok.has_chat_template:
         ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
     else:

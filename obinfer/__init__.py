@@ -35,22 +35,11 @@ Map of the code:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from obinfer.cache.presses import make_press
 from obinfer.generate import GenStats, Sampling, generate, stream
+from obinfer.loading import load
 
 __version__ = "0.1.0"
-
-
-def load(model: str | Path | None = None, dtype: str = "float32", device: str = "cpu"):  # noqa: ANN201
-    """(model, tokenizer) from a checkpoint directory, a hub id, or None for the embedded default model."""
-    from obinfer.cli import resolve_model
-    from obinfer.tokenizer import load_tokenizer
-    from obinfer.weights import load_model
-
-    model_dir = resolve_model(None if model is None else str(model))
-    return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
 
 
 __all__ = ["load", "generate", "stream", "make_press", "Sampling", "GenStats", "__version__"]

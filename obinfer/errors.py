@@ -14,3 +14,15 @@ class ObinferError(Exception):
 
 class UserError(ObinferError):
     """A bad argument or file given by the user (raised by the CLI and the library's front doors)."""
+
+
+class MissingExtraError(ObinferError, ImportError):
+    """An optional dependency (the ``eval`` extra: plots, task word lists) is not installed."""
+
+
+def require(module: str, extra: str = "eval", what: str = "this command") -> None:
+    """Raise :class:`MissingExtraError` naming the pip command, unless ``module`` can be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise MissingExtraError(f"{what} needs {module}: pip install 'obinfer[{extra}]' (or pip install -e '.[{extra}]')")

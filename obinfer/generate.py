@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from obinfer.cache.kv_cache import KVCache
+from obinfer.cache.presses import FULL, Press
 from obinfer.errors import ObinferError
 from obinfer.models.llama import Transformer
 
@@ -158,7 +159,7 @@ def stream(
     max_new_tokens: int = 128,
     sampling: Sampling | None = None,
     stop_ids: set[int] | frozenset[int] = frozenset(),
-    press=None,  # noqa: ANN001  (obinfer.cache.presses.Press)
+    press: Press = FULL,
     questions: Sequence[Sequence[int]] | None = None,
     cache: KVCache | None = None,
     stats: GenStats | None = None,
@@ -166,14 +167,15 @@ def stream(
     """Yield the next token of every row, step by step, until all rows stop or max_new_tokens.
 
     Args:
-        prompts: token ids per row (the context; compressed by `press` if given).
+        prompts: token ids per row (the context; compressed by `press`, default `FULL`: no compression).
         questions: optional ids per row fed after compression at the next positions (query-agnostic).
         cache: an existing cache to continue (e.g. a compressed context); a new one if None.
     Yields:
         (B,) next-token ids; rows that already stopped repeat their stop token.
     Raises:
         GenerationError: at the call (before any forward pass) for an empty batch or prompt, a token id
-            outside the vocabulary, max_new_tokens < 1, bad sampling values, or a cache of another batch.
+            outside the vocabulary, max_new_tokens < 1, bad sampling values, a cache of another batch, or
+            a press that is not a `Press` (use `FULL`, or `make_press("full")`, for none).
     """
     vocab = model.cfg.vocab_size
     prompts = _check_ids(prompts, "prompt", vocab)
@@ -193,6 +195,8 @@ def stream(
     sampling.check()
     if not all(_is_int(t) for t in stop_ids):
         raise GenerationError(f"stop_ids must be integer token ids, got {sorted(map(repr, stop_ids))}")
+    if not isinstance(press, Press):
+        raise GenerationError(f"press must be a Press (make_press(...), or FULL for none), got {press!r}")
     if cache is not None and cache.batch != len(prompts):
         raise GenerationError(f"the cache holds {cache.batch} rows but {len(prompts)} prompts were given")
     return _stream(model, prompts, max_new_tokens, sampling, stop_ids, press, questions, cache, stats)
@@ -205,7 +209,7 @@ def _stream(
     max_new_tokens: int,
     sampling: Sampling,
     stop_ids: set[int] | frozenset[int],
-    press,  # noqa: ANN001
+    press: Press,
     questions: list[list[int]] | None,
     cache: KVCache | None,
     stats: GenStats | None,
@@ -218,12 +222,12 @@ def _stream(
     ids, n_pad = ids.to(model.device), (n_pad if int(n_pad.sum()) else None)
     stats.prompt_tokens = int(sum(len(p) for p in prompts))
     t0 = time.perf_counter()
-    observer = press.prefill_observer(stats) if press is not None else None
-    logits = model(ids, cache, n_pad=n_pad, observer=observer, last_only=True)[:, -1]
+    run = press.start(stats)  # this prompt's press state (timings, decode budgets)
+    logits = model(ids, cache, n_pad=n_pad, observer=run.prefill_observer(), last_only=True)[:, -1]
     stats.prefill_s = time.perf_counter() - t0
-    stats.cache_bytes_full = getattr(press, "bytes_before", 0) or cache.nbytes()
+    stats.cache_bytes_full = run.bytes_before or cache.nbytes()
     stats.cache_bytes_kept = cache.nbytes()
-    step_observer = press.decode_observer(stats) if press is not None else None
+    step_observer = run.decode_observer()
     if questions is not None:
         q_ids, _ = left_pad(questions)  # equal lengths (checked by stream): no padding
         logits = model(q_ids.to(model.device), cache, observer=step_observer, last_only=True)[:, -1]
@@ -266,7 +270,7 @@ def generate(
     max_new_tokens: int = 128,
     sampling: Sampling | None = None,
     stop_ids: set[int] | frozenset[int] = frozenset(),
-    press=None,  # noqa: ANN001
+    press: Press = FULL,
     question: Sequence[int] | None = None,
     stats: GenStats | None = None,
 ) -> Iterator[int]:

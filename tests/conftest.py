@@ -151,9 +151,10 @@ def default_model_dir(tmp_path_factory) -> Path:
 
     Reuses ./weights/smollm2-135m-instruct when it already exists (e.g. made by `obinfer generate`).
     """
-    from obinfer.gguf_import import DEFAULT_MODEL_NAME, default_weights_dir, ensure_default_model
+    from obinfer.catalog import DEFAULT_MODEL, ensure_model
+    from obinfer.storage import default_weights_dir
 
-    existing = default_weights_dir() / DEFAULT_MODEL_NAME
+    existing = default_weights_dir() / DEFAULT_MODEL
     if (existing / "model.safetensors").is_file():
         return existing
-    return ensure_default_model(tmp_path_factory.mktemp("weights"))
+    return ensure_model(DEFAULT_MODEL, tmp_path_factory.mktemp("weights"))

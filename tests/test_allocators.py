@@ -231,3 +231,36 @@ def test_allocator_options_are_checked():
         with pytest.raises(PressError, match="compression_ratio must be a number in"):
             n_kept_for(10, bad)
     assert issubclass(PressError, ObinferError) and issubclass(PressError, ValueError)
+
+
+# ---------------------------------------------------------------- registry
+def test_allocator_registry():
+    from obinfer.cache.allocators import (
+        ALLOCATORS,
+        AdaKV,
+        allocator_options,
+        make_allocator,
+        register_allocator,
+    )
+    from obinfer.cache.policies import PressError
+
+    assert list(ALLOCATORS)[:2] == ["uniform", "adakv"]
+    assert allocator_options("adakv") == ["alpha", "min_safe"] and allocator_options("uniform") == []
+    s = torch.tensor(
+        [[[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.01, 0.05, 0.04, 0.03, 0.02] + [0.0] * 4]]
+    )
+    n = torch.tensor([4])
+    assert kept(make_allocator("uniform")(s, n)) == kept(uniform(s, n))
+    assert kept(make_allocator("adakv", min_safe=1)(s, n)) == kept(adakv(s, n, alpha=0.2, min_safe=1))
+    assert make_allocator("adakv") == AdaKV(alpha=0.2, min_safe=0) and ALLOCATORS["adakv"].name == "adakv"
+    with pytest.raises(PressError, match="alpha must be a number in"):
+        AdaKV(alpha=2.0)  # options are checked when the allocator is made
+    with pytest.raises(
+        PressError, match=r"unknown option alpha for allocator uniform; uniform takes no options"
+    ):
+        make_allocator("uniform", alpha=0.3)
+    with pytest.raises(PressError, match="unknown allocator 'greedy'"):
+        make_allocator("greedy")
+    for bad in ("my-alloc", "full", "adakv", "uniform"):
+        with pytest.raises(ValueError):
+            register_allocator(bad)

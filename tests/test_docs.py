@@ -2,7 +2,7 @@
 committed pictures exist and are small.
 
 A code reference is a repository path to a Python file, optionally followed by `:name` or `:Class.method`,
-e.g. `obinfer/models/llama.py:apply_rope` or `obinfer/cache/kv_cache.py:LayerCache.attend`. Names are
+e.g. `obinfer/models/llama.py:apply_rope` or `obinfer/cache/attention.py:attend`. Names are
 resolved by parsing the file with `ast` (functions, classes, methods, module-level assignments), so
 nothing is imported.
 
@@ -72,13 +72,13 @@ def resolve(path: str, name: str | None) -> str | None:
 
 
 def test_reference_checker_rejects_bad_references():
-    text = "see `obinfer/cache/kv_cache.py:LayerCache.attend` and obinfer/models/llama.py:apply_rope, "
+    text = "see `obinfer/cache/attention.py:attend` and obinfer/models/llama.py:apply_rope, "
     text += (
         "obinfer/models/llama.py:no_such_fn, obinfer/nope.py and obinfer/cache/kv_cache.py:LayerCache.nope"
     )
     refs = references(text)
     assert refs[:2] == [
-        ("obinfer/cache/kv_cache.py", "LayerCache.attend"),
+        ("obinfer/cache/attention.py", "attend"),
         ("obinfer/models/llama.py", "apply_rope"),
     ]
     assert [resolve(p, n) is None for p, n in refs] == [True, True, False, False, False]

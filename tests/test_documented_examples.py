@@ -116,19 +116,24 @@ def test_module_code_blocks(name: str, env) -> None:
                 exec(compile(code, f"<{name} docstring>", "exec"), g)
         finally:
             from obinfer.cache.scores import SCORES
+            from obinfer.catalog import MODELS
 
             SCORES.pop("doc_example_score", None)
+            MODELS.pop("my-model", None)
         if "What is the capital of France?" in code and "print(" in code:
             assert "Paris" in buf.getvalue()
 
 
-@pytest.mark.parametrize("doc", ["guide.md"])
+@pytest.mark.parametrize("doc", [p.name for p in DOCS if _fenced(p, "python")])
 def test_docs_python_blocks(doc: str, env) -> None:
-    for code in _fenced(ROOT / "docs" / doc, "python"):
+    path = ROOT / doc if doc == "README.md" else ROOT / "docs" / doc
+    for code in _fenced(path, "python"):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            exec(compile(code, f"<docs/{doc}>", "exec"), {})
+            exec(compile(code, f"<{doc}>", "exec"), {})
         assert buf.getvalue().strip(), "the example prints what it shows"
+        if "capital of France" in code and "generate(" in code:
+            assert "Paris" in buf.getvalue()
 
 
 def _shell_commands(path: Path) -> list[list[str]]:

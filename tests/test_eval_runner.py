@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from obinfer.cache.fanout import Fanout
 from obinfer.cache.presses import make_press
 from obinfer.eval import runner
 from obinfer.eval.metrics import score_row
@@ -108,12 +109,22 @@ def test_press_grid_runs_full_once_and_last():
     ]
 
 
-def test_queries_needed_matches_policies():
-    assert runner.queries_needed(make_press("snapkv-obk", compression_ratio=0.5)) == 64
-    assert runner.queries_needed(make_press("adakv-tova", compression_ratio=0.5)) == 1
-    assert runner.queries_needed(make_press("h2o", compression_ratio=0.5)) is None
-    assert runner._keep_for(["snapkv", "tova"]) == 64
-    assert runner._keep_for(["snapkv", "h2o"]) is None
+def test_shared_prefill_records_the_queries_the_presses_read(tiny_model, monkeypatch):
+    """The runner's one prefill (obinfer/cache/fanout.py) keeps what the policies declare they observe."""
+    seen = []
+    real = runner.Fanout.__init__
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        real(self, *args, **kwargs)
+        seen.append(self.n_queries)
+
+    monkeypatch.setattr(runner.Fanout, "__init__", spy)
+    tok, row = ByteTokenizer(), _rows(1)[0]
+    ctx, q = prompt_ids(tok, row, "agnostic", chat=True)
+    for presses in (["full", "snapkv", "tova"], ["snapkv", "h2o"], ["full", "knorm"]):
+        combos = runner.press_grid(presses, [0.5])
+        list(runner._shared(tiny_model, tok, ctx, q, 2, combos))
+    assert seen == [64, len(ctx), 1]
 
 
 def test_one_prefill_equals_a_prefill_per_press(tiny_model, tmp_path):
@@ -126,7 +137,7 @@ def test_one_prefill_equals_a_prefill_per_press(tiny_model, tmp_path):
     for res in results:
         row = rows[res["index"]]
         ctx, q = prompt_ids(tok, row, res["mode"], chat=True)
-        press = None if res["press"] == "full" else make_press(res["press"], compression_ratio=res["ratio"])
+        press = make_press(res["press"], compression_ratio=res["ratio"])  # "full": FULL, no compression
         ref = tok.decode(
             list(generate(tiny_model, ctx, question=q, press=press, max_new_tokens=6, stop_ids=tok.stop_ids))
         )
@@ -230,7 +241,7 @@ def test_bad_settings_are_rejected():
 
 def test_cli_eval_resume_and_report(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from obinfer import cli
-    from obinfer.eval import cli as eval_cli
+    from obinfer.cli import eval as eval_cli
 
     tok, model = ByteTokenizer(), load_model(tiny_llama_dir)
     monkeypatch.setattr(eval_cli, "load", lambda *a, **k: (model, tok, Path(tiny_llama_dir)))
@@ -262,7 +273,7 @@ def test_decoding_is_greedy_and_deterministic(tiny_model):
     """The runner's answer() equals an explicit argmax loop on the same cache."""
     tok, row = ByteTokenizer(), _rows(1)[0]
     ctx, q = prompt_ids(tok, row, "agnostic", chat=True)
-    cache, _ = runner.prefill(tiny_model, ctx, keep=1)
+    cache = Fanout(tiny_model, ctx).cache
     ref_cache = cache.fork()
     text, n = runner.answer(tiny_model, tok, cache, q, 5)
     out = []
@@ -295,7 +306,7 @@ def _no_temp_files(root: Path) -> None:
 def cli_eval(tiny_model, monkeypatch, tmp_path):
     """run(*extra_args) -> exit code of a quick `obinfer eval` (full cache, 2 samples, 2 new tokens)."""
     from obinfer import cli
-    from obinfer.eval import cli as eval_cli
+    from obinfer.cli import eval as eval_cli
 
     tok = ByteTokenizer()
     monkeypatch.setattr(eval_cli, "load", lambda *a, **k: (tiny_model, tok, Path("tiny")))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import json
 import random
 import re
 from pathlib import Path
@@ -55,21 +54,11 @@ def essays_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bpe_count(tmp_path_factory: pytest.TempPathFactory):
-    """Token counter of the SmolLM2 tokenizer (obinfer.tokenizer on the GGUF's tokenizer files)."""
-    gi = pytest.importorskip("obinfer.gguf_import")
-    tokenizer = pytest.importorskip("obinfer.tokenizer")
-    model_dir = gi.default_weights_dir() / gi.DEFAULT_MODEL_NAME
-    if not (model_dir / "tokenizer.json").is_file():  # write only the tokenizer files, not the weights
-        model_dir = tmp_path_factory.mktemp("smollm2-tokenizer")
-        try:
-            reader = gi._open_reader(gi.default_gguf_path())
-            files = gi._tokenizer_files(reader, gi._read_config(reader))
-        except AttributeError as e:  # private helpers of gguf_import renamed
-            pytest.skip(f"cannot build the SmolLM2 tokenizer files: {e}")
-        for name, obj in files.items():
-            (model_dir / name).write_text(json.dumps(obj), encoding="utf-8")
-    tok = tokenizer.load_tokenizer(model_dir)
+def bpe_count(default_model_dir):
+    """Token counter of the SmolLM2 tokenizer (obinfer.tokenizer on the converted default model)."""
+    from obinfer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir)
     return lambda text: len(tok.encode(text, add_bos=False))
 
 

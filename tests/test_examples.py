@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_inspect import DOC, with_tokenizer
 
-from obinfer.cache.presses import make_press, press_names
-from obinfer.cache.scores import SCORES, ScoreInputs
+from obinfer.cache.kv_cache import KVCache
+from obinfer.cache.presses import PressName, make_press, press_names
+from obinfer.cache.scores import SCORES, ScoreInputs, attn
 from obinfer.generate import generate
 from obinfer.tokenizer import load_tokenizer
 from obinfer.weights import load_model
@@ -52,6 +53,21 @@ def custom_score():
     yield mod
     SCORES.pop("avnorm", None)
     sys.modules.pop("custom_score", None)
+
+
+@pytest.fixture()
+def custom_policy():
+    """Import examples/custom_policy.py (registers the policy "sinkwindow" and the allocator "shared"), and
+    unregister both afterwards."""
+    from obinfer.cache.allocators import ALLOCATORS
+    from obinfer.cache.policies import POLICIES
+
+    assert "sinkwindow" not in POLICIES and "shared" not in ALLOCATORS
+    mod = _example("custom_policy")
+    yield mod
+    POLICIES.pop("sinkwindow", None)
+    ALLOCATORS.pop("shared", None)
+    sys.modules.pop("custom_policy", None)
 
 
 def _decode(tok, ids) -> str:  # noqa: ANN001
@@ -155,3 +171,55 @@ def test_compare_presses_overlaps_match_real_compression(tok_dir, loaded, doc_fi
     ref = [len(a & b) / len(a | b) for a, b in zip(*kept, strict=True)]
     assert overlaps == pytest.approx(ref)
     assert all(0 < x <= 1 for x in overlaps)
+
+
+def test_custom_policy_and_allocator_run_through_presses(custom_policy, tok_dir, loaded, doc_file):
+    model, tok = loaded
+    names = set(press_names())
+    assert {
+        "sinkwindow",
+        "sinkwindow-obk",
+        "adakv-sinkwindow",
+        "shared-sinkwindow-obkv",
+        "shared-h2o",
+    } <= names
+    assert PressName.parse("shared-sinkwindow-obk") == PressName("shared", "sinkwindow", "obk")
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
+        make_press("sinkwindow", compression_ratio=0.5, window=0)
+
+    argv = ["--model", str(tok_dir), "--context-file", str(doc_file), "--compression-ratio", "0.5"]
+    results = custom_policy.main(argv + ["--question", QUESTIONS[0], "--max-new-tokens", "4"])
+    assert list(results) == list(custom_policy.PRESSES)
+    prefix, _ = tok.chat_parts()
+    ids = tok.encode(prefix + DOC)  # what main() prefilled
+    n_kept = int(len(ids) * 0.5)
+    for name, (_, heads) in results.items():
+        assert all(len(h) == n_kept for h in heads), name
+        if name.startswith("shared-"):  # the allocator gives every KV head the same slots
+            assert all(h == heads[0] for h in heads), name
+        if "sinkwindow" in name:  # the policy keeps the sinks
+            assert all(h[:4] == [0, 1, 2, 3] for h in heads), name
+    # reference: the press compressing inside the model's own prefill keeps the same positions
+    with torch.inference_mode():
+        for name, (_, heads) in results.items():
+            cache = model.new_cache()
+            press = make_press(name, compression_ratio=0.5)
+            model(torch.tensor([ids]), cache, observer=press.prefill_observer(), last_only=True)
+            assert cache.kept_positions()[0][0] == heads, name
+    # the policy's scores: the last `window` queries' attention, sinks +inf (a direct loop reference)
+    pol = custom_policy.SinkWindow(window=3, sinks=1)
+    g, n = torch.Generator().manual_seed(0), 7
+    q, k, v = (
+        torch.randn(1, 4, n, 5, generator=g),
+        torch.randn(1, 2, n, 5, generator=g),
+        torch.randn(1, 2, n, 5),
+    )
+    cache = KVCache.empty(1, 1, 2, 5)
+    cache.layers[0].append(k, v, cache.next_positions(n))
+    s = pol.score(q, torch.arange(n)[None], cache.layers[0], attn, "sum")
+    ref = torch.zeros(2, n)
+    for h in range(4):
+        for i in range(n - 3, n):
+            ref[h // 2, : i + 1] += torch.softmax(k[0, h // 2, : i + 1] @ q[0, h, i] / 5**0.5, 0)
+    assert s[0, :, 0].eq(float("inf")).all()
+    torch.testing.assert_close(s[0, :, 1:], ref[:, 1:], rtol=1e-5, atol=1e-6)

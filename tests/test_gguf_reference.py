@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from obinfer.assets import sha256_of
-from obinfer.gguf_import import DEFAULT_GGUF_FILE, default_gguf_path
+from obinfer.catalog import SMOLLM2_GGUF
 from obinfer.tokenizer import load_tokenizer
 from obinfer.weights import load_model
 
@@ -28,8 +28,8 @@ PROMPT = "The Eiffel Tower is in Paris, the capital of France. It was built in 1
 @pytest.fixture(scope="module")
 def reference() -> dict:
     ref = json.loads(REFERENCE.read_text(encoding="utf-8"))
-    assert ref["gguf_file"] == DEFAULT_GGUF_FILE
-    assert ref["gguf_sha256"] == sha256_of(default_gguf_path()), "reference made from another GGUF"
+    assert ref["gguf_file"] == SMOLLM2_GGUF.file_name
+    assert ref["gguf_sha256"] == SMOLLM2_GGUF.sha256 == sha256_of(SMOLLM2_GGUF.fetch()), "another GGUF"
     return ref
 
 
@@ -47,7 +47,7 @@ def test_logits_equal_transformers_gguf_loader(ours) -> None:
     from transformers import AutoModelForCausalLM
 
     model, tok = ours
-    gguf = default_gguf_path()
+    gguf = SMOLLM2_GGUF.fetch()
     ref_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ids = tok.encode(PROMPT)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for `obinfer inspect` (obinfer/inspect.py) on the tiny random Llama with a small BPE tokenizer.
+"""Tests for `obinfer inspect` (obinfer/inspect/run.py) on the tiny random Llama with a small BPE tokenizer.
 
 References: the kept sets equal those of a real compressed prefill (`press.prefill_observer()` in the
 model's forward, then `KVCache.kept_positions`), and the reported scores reproduce the kept sets through

@@ -1,20 +1,21 @@
-"""Invariants of obinfer.cache.kv_cache: storage, positions, ragged attention, memory, fork/snapshot.
+"""Invariants of obinfer.cache.kv_cache: storage, positions, n_invalid, memory, fork, versioned snapshots.
 
 B = 2 rows and 3 KV heads everywhere, with different contents per (row, head), so that a transposed
-row/head shows up. References are explicit float64 loops, never the code under test.
+row/head shows up. References are explicit loops, never the code under test. Attention over the cache
+is tested in tests/test_attention.py.
 """
 
 from __future__ import annotations
 
 import doctest
-import math
 
 import pytest
 import torch
 
 from obinfer.cache import kv_cache
-from obinfer.cache.kv_cache import KVCache, LayerCache
+from obinfer.cache.kv_cache import CacheError, CacheSnapshot, KVCache, LayerCache
 from obinfer.cache.presses import make_press
+from obinfer.errors import ObinferError
 from obinfer.weights import load_model
 
 B, H, G, D = 2, 3, 2, 8  # rows, KV heads, query heads per KV head, head dim
@@ -187,80 +188,6 @@ def test_keep_rejects_bad_input():
         cache.layers[0].keep([torch.tensor([4])] * (B * H))
 
 
-# ---------------------------------------------------------------- attention vs a loop reference
-def reference_attention(q: torch.Tensor, old: list, new: list) -> torch.Tensor:
-    """Slow float64 attention, one (row, query head, query) at a time.
-
-    Args:
-        q: (B, Hq, T, D) new queries.
-        old: old[i] = (k (L, D), v (L, D), pos (L,)) slots of segment i before this step.
-        new: new[i] = (k (T, D), v (T, D), pos (T,)) the T new tokens of segment i, in order.
-    Query t sees the valid old slots and new tokens 0..t that are valid, and always itself.
-    """
-    Bq, Hq, T, _ = q.shape
-    out = torch.zeros(Bq, Hq, T, D, dtype=torch.float64)
-    for b in range(Bq):
-        for hq in range(Hq):
-            i = b * H + hq // G
-            for t in range(T):
-                keys, vals = [], []
-                for kk, vv, pp in zip(*old[i], strict=True):
-                    if pp >= 0:
-                        keys.append(kk), vals.append(vv)
-                for j in range(t + 1):
-                    if new[i][2][j] >= 0 or j == t:
-                        keys.append(new[i][0][j]), vals.append(new[i][1][j])
-                qd = q[b, hq, t].double()
-                logits = torch.stack([qd @ kk.double() for kk in keys]) / math.sqrt(D)
-                w = torch.softmax(logits, 0)
-                out[b, hq, t] = sum(wi * vv.double() for wi, vv in zip(w, vals, strict=True))
-    return out
-
-
-def segments(layer: LayerCache) -> list:
-    return [tuple(x.clone() for x in layer.segment(i)) for i in range(layer.n_segments)]
-
-
-def step(cache: KVCache, T: int, g: torch.Generator, n_pad: torch.Tensor | None = None) -> None:
-    """Append T random tokens and compare `attend` with the reference."""
-    layer = cache.layers[0]
-    old = segments(layer)
-    pos = cache.next_positions(T, n_pad)
-    k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
-    q = torch.randn(B, H * G, T, D, generator=g)
-    layer.append(k, v, pos)
-    new = [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)]
-    out = layer.attend(q, T)
-    assert out.shape == q.shape
-    torch.testing.assert_close(out.double(), reference_attention(q, old, new), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("pads", [False, True])
-def test_uniform_attention_matches_reference(pads):
-    g = torch.Generator().manual_seed(2)
-    cache = KVCache.empty(1, B, H, D)
-    step(cache, 6, g, torch.tensor([2, 0]) if pads else None)  # prefill: SDPA causal or masked
-    assert cache.layers[0].is_uniform()
-    step(cache, 1, g)  # decode: fast path without mask (or masked when pads are stored)
-    step(cache, 3, g)  # a block after a prefix: causal within the new block
-    assert cache.layers[0].is_uniform()
-
-
-@pytest.mark.parametrize("pads", [False, True])
-@pytest.mark.parametrize("T", [1, 4])
-def test_ragged_attention_matches_reference(T, pads):
-    g = torch.Generator().manual_seed(3 + T)
-    cache = KVCache.empty(1, B, H, D)
-    step(cache, 7, g, torch.tensor([3, 0]) if pads else None)
-    layer = cache.layers[0]
-    # different lengths per (row, head); row 0 keeps pad slots 0, 1 (head 0) and 2 (head 1) when padded
-    layer.keep([torch.tensor(s) for s in ([0, 1, 4, 6], [2, 5], [6], [0, 2, 3, 4, 5, 6], [1, 3], [5, 6])])
-    assert not layer.is_uniform() and layer.n_invalid == (3 if pads else 0)
-    step(cache, T, g)
-    step(cache, T, g)  # again, after the append grew the segments
-    assert not layer.is_uniform()
-
-
 # ---------------------------------------------------------------- memory accounting
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nbytes_follows_kept_tokens(dtype):
@@ -386,6 +313,146 @@ def test_snapshot_truncate_restores_exactly(T):
     ref = filled_cache()
     grow(ref, 5, seed=10)
     assert_same(state(cache), state(ref))
+
+
+def test_truncate_to_the_same_snapshot_again_and_again():
+    """One context, many questions: snapshot once, truncate after each question (both call forms)."""
+    cache = filled_cache()
+    original = state(cache)
+    snap = cache.snapshot()
+    for i, T in enumerate([3, 40, 1]):
+        grow(cache, T, seed=20 + i)
+        if i % 2:
+            cache.truncate_to(snap)
+        else:
+            cache.truncate_to(*snap)
+        assert_same(state(cache), original)
+
+
+@pytest.mark.parametrize("evict", ["keep", "remove_slot", "keep_everything"])
+def test_truncate_after_an_eviction_raises_and_changes_nothing(evict):
+    cache = filled_cache()
+    snap = cache.snapshot()
+    grow(cache, 3, seed=11)
+    layer = cache.layers[1]  # layer 0 is untouched: the check must still be all or nothing
+    if evict == "keep":
+        layer.keep([torch.tensor([0])] * (B * H))
+    elif evict == "remove_slot":
+        layer.remove_slot(4, 1)
+    else:  # a keep that keeps every slot still counts: the check is on the operation, not the outcome
+        layer.keep([torch.arange(L) for L in layer.length])
+    before = state(cache)
+    with pytest.raises(CacheError, match="layer 1 .*evicted"):
+        cache.truncate_to(snap)
+    assert_same(state(cache), before)
+    assert issubclass(CacheError, ObinferError)
+    grow(cache, 2, seed=12)  # the cache is still usable, and a new snapshot works
+    snap = cache.snapshot()
+    grow(cache, 2, seed=13)
+    cache.truncate_to(snap)
+
+
+def test_an_eviction_before_the_snapshot_is_fine():
+    """Compress, then snapshot (the ask-many-questions pattern): only removals after the snapshot count."""
+    cache = filled_cache()  # layer 1 was compacted by keep() before the snapshot
+    cache.layers[0].remove_slot(0, 3)
+    original = state(cache)
+    snap = cache.snapshot()
+    grow(cache, 4, seed=14)
+    cache.truncate_to(snap)
+    assert_same(state(cache), original)
+
+
+def test_truncate_to_a_later_snapshot_after_an_earlier_one_raises():
+    """Back to s1, then new appends: the slots s2 remembered are gone, even though lengths would fit."""
+    cache = filled_cache()
+    s1 = cache.snapshot()
+    grow(cache, 3, seed=15)
+    s2 = cache.snapshot()
+    at_s2 = state(cache)
+    grow(cache, 2, seed=16)
+    cache.truncate_to(s2)  # s2 is still reachable, and so is s1 afterwards
+    assert_same(state(cache), at_s2)
+    cache.truncate_to(s1)
+    grow(cache, 5, seed=17)  # longer than s2 again, but different slots
+    with pytest.raises(CacheError, match="earlier snapshot"):
+        cache.truncate_to(s2)
+    cache.truncate_to(s1)  # s1 still works
+
+
+def test_snapshots_of_forks_and_of_other_caches():
+    cache = filled_cache()
+    original = state(cache)
+    before_fork = cache.snapshot()
+    grow(cache, 2, seed=18)
+    fork = cache.fork()
+    after_fork = cache.snapshot()
+    fork.truncate_to(before_fork)  # the fork has the same contents up to the fork
+    assert_same(state(fork), original)
+    with pytest.raises(CacheError):
+        fork.truncate_to(after_fork)  # taken by the original after the fork: the fork cannot know it
+    with pytest.raises(CacheError):
+        filled_cache().truncate_to(before_fork)  # same shapes, different cache
+    with pytest.raises(CacheError, match="KVCache.snapshot"):
+        cache.truncate_to(before_fork.lengths, before_fork.seen)  # the unversioned (lengths, seen) form
+    with pytest.raises(CacheError, match="layers"):
+        cache.truncate_to(CacheSnapshot(before_fork.lengths[:1], before_fork.seen, before_fork.versions[:1]))
+    cache.truncate_to(before_fork)
+    assert_same(state(cache), original)
+
+
+# ---------------------------------------------------------------- n_invalid after every mutation
+def count_invalid(layer: LayerCache) -> int:
+    """Pad slots in use, one slot at a time."""
+    return sum(int(p) < 0 for i in range(layer.n_segments) for p in layer.segment(i)[2].tolist())
+
+
+def test_n_invalid_follows_every_mutation():
+    cache = KVCache.empty(1, B, H, D)
+    layer, tok = cache.layers[0], Tokens()
+    counts = []
+
+    def checked() -> None:
+        assert layer.n_invalid == count_invalid(layer)
+        counts.append(layer.n_invalid)
+
+    def append(T: int, n_pad: torch.Tensor | None = None) -> None:
+        pos = cache.next_positions(T, n_pad)
+        layer.append(*tok.new(pos), pos)
+        checked()
+
+    checked()  # empty
+    append(6, torch.tensor([2, 1]))  # first fill, uniform: 3 pads per head
+    append(2)  # uniform append, no pads
+    snap = cache.snapshot()
+    append(3, torch.tensor([0, 2]))  # pads appended later (a padded batch of questions)
+    cache.truncate_to(snap)  # truncation drops them again
+    checked()
+    fork = cache.fork()
+    assert fork.layers[0].n_invalid == layer.n_invalid
+    fork.layers[0].keep([torch.tensor([2])] * (B * H))  # the fork's count moves, not the original's
+    assert fork.layers[0].n_invalid == 0
+    checked()
+    # Ragged keep. Row 0 (segments 0-2) has pads in slots 0, 1; row 1 (segments 3-5) in slot 0.
+    layer.keep([torch.tensor(s) for s in ([3, 0], [1, 4, 0], [5], [7, 6, 0], [0], [2, 3])])
+    checked()  # pads kept: 1 + 2 + 0 + 1 + 1 + 0
+    # ragged append (reallocates): segment 0 [v, pad, new], 1 [pad, v, pad, new], 3 [v, v, pad, new], 4 [pad, new]
+    append(1)
+    layer.remove_slot(0, 1)  # a pad is removed, the new token moves in
+    checked()
+    layer.remove_slot(3, 0)  # a valid slot is removed, a valid one moves in: [new, v, pad]
+    checked()
+    layer.remove_slot(1, 0)  # a pad is removed: [new, v, pad]
+    checked()
+    layer.remove_slot(4, 0)  # the segment's only pad: [new]
+    checked()
+    layer.remove_slot(3, 0)  # a valid slot is removed and the pad moves into it: [pad, v]
+    checked()
+    layer.keep([torch.arange(L) for L in layer.length])  # keep everything (a ragged copy)
+    checked()
+    layer.keep([torch.tensor([0])] * (B * H))  # uniform keep: segment 3 keeps its pad
+    checked()
+    assert counts == [0, 9, 9, 15, 9, 9, 5, 5, 4, 4, 3, 2, 2, 2, 1], counts
 
 
 def test_decoding_keeps_memory_close_to_tokens_held():

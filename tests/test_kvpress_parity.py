@@ -34,7 +34,7 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers (test-only reference) is not installed"
 )
 
-from obinfer.cache.presses import make_press  # noqa: E402
+from obinfer.cache.presses import PressName, make_press  # noqa: E402
 from obinfer.weights import load_model  # noqa: E402
 
 N_CONTEXT, N_QUESTION, WINDOW = 264, 16, 64
@@ -142,8 +142,9 @@ def test_kept_positions_match_kvpress(engines, token_ids, key, ratio, mode):
     else:
         step = follow.shape[1]
     ref_kept, ref_logits = kvpress_run(hf_models[impl], kv_press(ratio), prompt, follow, step)
+    if PressName.parse(name).allocator == "adakv":
+        options = {**options, "min_safe": 1}  # kvpress's AdaKV safeguard max(1, ...)
     press = make_press(name, compression_ratio=ratio, **options)
-    press.min_safe = 1  # kvpress's AdaKV safeguard max(1, ...); unused by uniform presses
     kept, logits = obinfer_run(model, press, prompt, follow, step)
 
     for layer, (ours, theirs) in enumerate(zip(kept, ref_kept, strict=True)):

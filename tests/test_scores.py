@@ -16,6 +16,7 @@ from obinfer.cache.scores import (
     obkv,
     obv,
     pool_scores,
+    reduce_term,
     register_score,
     score_queries_chunked,
 )
@@ -327,6 +328,16 @@ def test_registry():
         torch.testing.assert_close(get_score(name)(example1()), -attn(example1()))
     finally:
         SCORES.pop(name, None)
+    for bad in ("my-score", "", "full"):  # a score name is the suffix of press names: no "-"
+        with pytest.raises(ValueError, match="without '-'"):
+            register_score(bad)
+
+
+def test_reduce_term_sums_group_and_queries():
+    inp = example1()
+    torch.testing.assert_close(reduce_term(inp, inp.attention), attn(inp))
+    t = inp.terms
+    torch.testing.assert_close(reduce_term(inp, t.A.square() * t.v2), get_score("obv")(inp))
 
 
 def test_bad_inputs_raise_value_error():

@@ -262,9 +262,8 @@ def test_stop_ids_and_vocab_size(pairs):
 
 # ----------------------------------------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
-def smollm2_dir() -> Path:
-    gguf_import = pytest.importorskip("obinfer.gguf_import")
-    return gguf_import.ensure_default_model()
+def smollm2_dir(default_model_dir) -> Path:
+    return default_model_dir
 
 
 def test_smollm2_matches_hf(smollm2_dir):

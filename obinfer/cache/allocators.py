@@ -13,17 +13,26 @@ in that case is unspecified there.
 
 The user-facing settings (``compression_ratio``, ``alpha``, ``min_safe``) are checked here too and raise
 ``PressError`` (a ``ValueError``); malformed score or budget tensors raise a plain ``ValueError``.
+
+Allocators are registered by name (:data:`ALLOCATORS`) with :func:`register_allocator`: a function
+``(scores, n_kept) -> mask`` with no options (:func:`uniform`), or an :class:`Allocator` subclass whose
+dataclass fields are its options, checked when it is made (:class:`AdaKV`: ``alpha``, ``min_safe``).
+``uniform`` is the default (press names without a prefix); any other registered name ``a`` makes
+``a-<policy>[-<score>]`` press names (``adakv-snapkv-obk``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from obinfer.cache.policies import PressError, is_int
+from obinfer.cache.policies import POLICIES, PressError, check_name, is_int
 
 NEG_INF = float("-inf")
 
@@ -94,6 +103,83 @@ def _top_mask(scores: Tensor, budget: Tensor) -> Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
 
 
+# ------------------------------------------------------------------------------------------ registry
+class Allocator:
+    """Base of registered allocators: `allocator(scores, n_kept) -> keep-mask`, options as fields.
+
+    scores: (B, Hkv, n) float, +inf protected, -inf invalid; n_kept: (B,) long, the per-head budget of
+    each row. Returns a (B, Hkv, n) bool keep-mask. `name` is set by `register_allocator`.
+    """
+
+    name = "allocator"
+
+    def __call__(self, scores: Tensor, n_kept: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {}
+DEFAULT_ALLOCATOR = "uniform"  # written without a prefix in press names
+
+
+def register_allocator(name: str) -> Callable[[Any], Any]:
+    """Decorator registering an allocator under `name`: an `Allocator` subclass (made a frozen dataclass
+    if it is not one; its fields are the options) or a plain function (scores, n_kept) -> mask (no
+    options). Returns what it decorates."""
+    check_name("allocator", name)
+    if name in ALLOCATORS:
+        raise ValueError(f"allocator {name!r} is already registered")
+    if name in POLICIES:
+        raise ValueError(f"allocator {name!r} would shadow the policy of that name")
+
+    def deco(obj: Any) -> Any:
+        if isinstance(obj, type):
+            if not issubclass(obj, Allocator):
+                raise TypeError(f"register_allocator takes an Allocator subclass or a function, got {obj!r}")
+            cls = obj if "__dataclass_fields__" in obj.__dict__ else dataclass(frozen=True)(obj)
+        elif callable(obj):
+            cls = _function_allocator(obj)
+        else:
+            raise TypeError(f"register_allocator takes an Allocator subclass or a function, got {obj!r}")
+        cls.name = name
+        ALLOCATORS[name] = cls
+        return cls if isinstance(obj, type) else obj
+
+    return deco
+
+
+def _function_allocator(fn: Callable[[Tensor, Tensor], Tensor]) -> type[Allocator]:
+    """An option-less Allocator class calling fn (its docstring too)."""
+
+    def call(self: Allocator, scores: Tensor, n_kept: Tensor) -> Tensor:
+        return fn(scores, n_kept)
+
+    cls = type(
+        fn.__name__,
+        (Allocator,),
+        {"__call__": call, "__doc__": fn.__doc__ or f"{fn.__name__} allocator.", "__module__": fn.__module__},
+    )
+    return dataclass(frozen=True)(cls)
+
+
+def allocator_options(name: str) -> list[str]:
+    """The options (dataclass fields) a registered allocator takes, e.g. ["alpha", "min_safe"] for adakv."""
+    return [f.name for f in fields(ALLOCATORS[name]) if f.init]
+
+
+def make_allocator(name: str, **options: Any) -> Allocator:
+    """The registered allocator `name` with its options (PressError for an unknown name or option)."""
+    if name not in ALLOCATORS:
+        raise PressError(f"unknown allocator {name!r} (choose from {', '.join(ALLOCATORS)})")
+    unknown = [k for k in options if k not in allocator_options(name)]
+    if unknown:
+        has = allocator_options(name)
+        opts = f"its options are: {', '.join(has)}" if has else f"{name} takes no options"
+        raise PressError(f"unknown option {', '.join(unknown)} for allocator {name}; {opts}")
+    return ALLOCATORS[name](**options)
+
+
+# ---------------------------------------------------------------------------------------- allocators
+@register_allocator("uniform")
 def uniform(scores: Tensor, n_kept: Tensor | int) -> Tensor:
     """Every KV head keeps its own top ``n_kept`` slots (fewer if it has fewer valid slots).
 
@@ -128,9 +214,7 @@ def adakv(scores: Tensor, n_kept: Tensor | int, alpha: float = 0.2, min_safe: in
         (B, Hkv, n) bool keep-mask; each row keeps min(Hkv * n_kept, valid slots) slots.
     """
     _check(scores)
-    _fraction("alpha", alpha)
-    if not is_int(min_safe) or min_safe < 0:
-        raise PressError(f"min_safe must be an integer >= 0, got {min_safe!r}")
+    _check_adakv_options(alpha, min_safe)
     B, Hkv, n = scores.shape
     budget = _budget(n_kept, B, scores.device)
     if budget.shape[1] != 1:
@@ -141,6 +225,30 @@ def adakv(scores: Tensor, n_kept: Tensor | int, alpha: float = 0.2, min_safe: in
     flat = boosted.transpose(1, 2).reshape(B, n * Hkv)  # slot-major: ties -> lower slot, then lower head
     keep = _top_mask(flat, budget[:, 0] * Hkv)
     return keep.reshape(B, n, Hkv).transpose(1, 2)
+
+
+def _check_adakv_options(alpha: object, min_safe: object) -> None:
+    _fraction("alpha", alpha)
+    if not is_int(min_safe) or min_safe < 0:
+        raise PressError(f"min_safe must be an integer >= 0, got {min_safe!r}")
+
+
+@register_allocator("adakv")
+class AdaKV(Allocator):
+    """AdaKV head-wise budgets (alpha 0.2).
+
+    Options: `alpha` (safeguard fraction in [0, 1]), `min_safe` (lower bound on each head's
+    safeguarded slots; 1 matches kvpress). See :func:`adakv`.
+    """
+
+    alpha: float = 0.2
+    min_safe: int = 0
+
+    def __post_init__(self) -> None:
+        _check_adakv_options(self.alpha, self.min_safe)
+
+    def __call__(self, scores: Tensor, n_kept: Tensor) -> Tensor:
+        return adakv(scores, n_kept, self.alpha, self.min_safe)
 
 
 def keep_indices(mask: Tensor) -> list[list[Tensor]]:

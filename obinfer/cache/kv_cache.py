@@ -1,5 +1,9 @@
 """The KV cache: an explicit object, one `LayerCache` per layer, one segment per (batch row, KV head).
 
+This module is storage only: where keys, values and positions live, how they are appended, evicted,
+copied and rolled back. Attention over a layer's cache is in `obinfer/cache/attention.py`, which reads
+the storage through the small read API listed on `LayerCache`.
+
 Every KV head of every batch row owns a *segment*: a contiguous run of slots in the layer's flat
 buffers. A slot holds a key (after RoPE), a value, the token's absolute position, and any per-slot
 score accumulators a policy keeps (H2O sums, ...). Segments have their own lengths, so after a
@@ -26,16 +30,43 @@ Slots are not positions: later tokens get positions from the counter `KVCache.se
 segment length, so decoding after eviction uses the same RoPE positions as without eviction.
 Slot order inside a segment is the order of arrival (compaction keeps the order it is given, decode
 eviction moves the last slot into the freed one); `kept_positions()` sorts for display.
+
+Snapshots are versioned. `KVCache.snapshot()` remembers the lengths; `KVCache.truncate_to()` drops
+what was appended since. That is exact only if nothing was *removed* in between, so every removal
+(`LayerCache.keep`, `LayerCache.remove_slot`) gives the layer a new version, and truncating to an older
+one is refused::
+
+    >>> snap = cache.snapshot()
+    >>> pos = cache.next_positions(2)
+    >>> layer.append(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), pos)
+    >>> cache.truncate_to(snap)                       # appends only: exact
+    >>> layer.lengths()
+    [[3, 2]]
+    >>> layer.remove_slot(0, 1)                       # an eviction (slot 1 of head 0: position 4)
+    >>> cache.truncate_to(snap)
+    Traceback (most recent call last):
+    ...
+    obinfer.cache.kv_cache.CacheError: cannot truncate layer 0 to this snapshot: slots were evicted since it was taken (keep / remove_slot), the cache was truncated to an earlier snapshot in between, or the snapshot is of another cache
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from obinfer.errors import ObinferError
+
+# Process-wide, so that a version is never shared by two caches (a fork and its parent included)
+# unless one was copied from the other.
+_versions = itertools.count(1)
+
+
+class CacheError(ObinferError):
+    """A cache operation that would leave the cache inconsistent (e.g. truncating across an eviction)."""
 
 
 def headroom(length: int) -> int:
@@ -55,6 +86,21 @@ class LayerCache:
             of which the first length[i] are in use.
         pos: (N,) long absolute positions; -1 marks an invalid (left-padding) slot.
         acc: per-slot float32 accumulators by name, each (N,), compacted together with k/v/pos.
+        version: a new number whenever slots are removed (`keep`, `remove_slot`) or a snapshot is
+            taken (`checkpoint`); `truncate_to` returns to the snapshot's. See `KVCache.snapshot`.
+
+    Read API (what `obinfer/cache/attention.py`, the policies and the presses use; none of it copies
+    unless said so):
+        n_segments, n_kv_heads, batch, head_dim;
+        lengths() / length[i]: slots in use per segment;
+        is_uniform(): every segment has the same length, laid out as (B, Hkv, cap, D);
+        segment(i): views (k, v, pos) of segment i = b * Hkv + h;
+        dense(): (k, v, pos) as (B, Hkv, S, D) -- a view when uniform, a padded copy otherwise;
+        n_invalid: pad slots (pos -1) in use;
+        acc_dense(name): accumulator `name` in the layout of dense().
+
+    Every mutation (append, keep, remove_slot, truncate_to) ends in `_changed`, the one place that
+    invalidates what is derived from the storage (n_invalid) and moves the version.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -65,12 +111,30 @@ class LayerCache:
         self.acc: dict[str, Tensor] = {}
         n = batch * n_kv_heads
         self.start, self.length, self.cap = [0] * n, [0] * n, [0] * n
-        self.n_invalid = 0  # number of stored pad slots (pos == -1)
+        self._n_invalid: int | None = 0  # cached count of pad slots in use; None = recount from pos
+        # Versions whose contents the current contents extend by appends only, oldest first; the last
+        # one is the current version. A snapshot of version v can be restored iff v is in this list.
+        self._history: list[int] = [next(_versions)]
 
-    # ----------------------------------------------------------------------------- inspection
+    # ----------------------------------------------------------------------------- read API
     @property
     def n_segments(self) -> int:
         return self.batch * self.n_kv_heads
+
+    @property
+    def version(self) -> int:
+        return self._history[-1]
+
+    @property
+    def n_invalid(self) -> int:
+        """Pad slots (pos -1) among the slots in use, counted from `pos` once after each mutation."""
+        if self._n_invalid is None:
+            if self.is_uniform():
+                pos = self._to_dense(self.pos, -1)
+            else:
+                pos = torch.cat([self.segment(i)[2] for i in range(self.n_segments)])
+            self._n_invalid = int((pos < 0).sum())
+        return self._n_invalid
 
     def lengths(self) -> list[list[int]]:
         """Slots in use, as [row][head]."""
@@ -79,7 +143,12 @@ class LayerCache:
 
     def is_uniform(self) -> bool:
         """True when every segment has the same length and capacity in a (B, Hkv, cap, D) layout."""
-        return self._equal_lengths() and self._equal_caps_contiguous()
+        L, c = self.length[0], self.cap[0]
+        return (
+            all(x == L for x in self.length)
+            and all(x == c for x in self.cap)
+            and all(s == i * c for i, s in enumerate(self.start))
+        )
 
     def segment(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """Views (k (L, D), v (L, D), pos (L,)) of segment i = b * Hkv + h. No copy."""
@@ -91,28 +160,60 @@ class LayerCache:
 
         A view when the layout is uniform; otherwise a padded copy whose padding slots have pos -1.
         """
-        B, H, D = self.batch, self.n_kv_heads, self.head_dim
-        if self.is_uniform():
-            L, c = self.length[0], self.cap[0]
-            return (
-                self.k.view(B, H, c, D)[:, :, :L],
-                self.v.view(B, H, c, D)[:, :, :L],
-                self.pos.view(B, H, c)[:, :, :L],
-            )
-        S = max(self.length)
-        k = self.k.new_zeros(B * H, S, D)
-        v = self.v.new_zeros(B * H, S, D)
-        pos = self.pos.new_full((B * H, S), -1)
-        for i in range(self.n_segments):
-            ki, vi, pi = self.segment(i)
-            k[i, : len(pi)], v[i, : len(pi)], pos[i, : len(pi)] = ki, vi, pi
-        return k.view(B, H, S, D), v.view(B, H, S, D), pos.view(B, H, S)
+        return self._to_dense(self.k, 0), self._to_dense(self.v, 0), self._to_dense(self.pos, -1)
+
+    def acc_dense(self, name: str) -> Tensor:
+        """Accumulator `name` as (B, Hkv, S), same layout as `dense()` (padding slots 0)."""
+        return self._to_dense(self.accumulator(name), 0)
 
     def nbytes(self) -> int:
         """Bytes allocated for K and V (the buffers' full capacity)."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
-    # ----------------------------------------------------------------------------- storage
+    # ----------------------------------------------------------------------------- layout helpers
+    # The only two places that tell the uniform layout from the ragged one.
+    def _to_dense(self, buf: Tensor, fill: float | int) -> Tensor:
+        """A flat buffer (N, *rest) as (B, Hkv, S, *rest): a view when uniform, else a copy padded with fill."""
+        B, H, rest = self.batch, self.n_kv_heads, buf.shape[1:]
+        if self.is_uniform():
+            return buf.view(B, H, self.cap[0], *rest)[:, :, : self.length[0]]
+        out = buf.new_full((B * H, max(self.length), *rest), fill)
+        for i in range(self.n_segments):
+            s, L = self.start[i], self.length[i]
+            out[i, :L] = buf[s : s + L]
+        return out.view(B, H, -1, *rest)
+
+    def _write(
+        self, buf: Tensor, values: Tensor, at: Sequence[int], n: Sequence[int], add: bool = False
+    ) -> None:
+        """Segment i gets values[b, h, :n[i]] at its slots at[i] : at[i] + n[i] (added instead when add).
+
+        values: (B, Hkv, >= max(n), *rest), e.g. new keys (B, Hkv, T, D) or dense-layout scores (B, Hkv, S).
+        """
+        B, H = self.batch, self.n_kv_heads
+        if self.is_uniform() and all(a == at[0] for a in at) and all(m == n[0] for m in n):
+            a, m = at[0], n[0]
+            dst = buf.view(B, H, self.cap[0], *buf.shape[1:])[:, :, a : a + m]
+            if add:
+                dst += values[:, :, :m]
+            else:
+                dst[...] = values[:, :, :m]
+            return
+        for i in range(self.n_segments):
+            b, h = divmod(i, H)
+            s = self.start[i] + at[i]
+            if add:
+                buf[s : s + n[i]] += values[b, h, : n[i]]
+            else:
+                buf[s : s + n[i]] = values[b, h, : n[i]]
+
+    # ----------------------------------------------------------------------------- mutations
+    def _changed(self, removed: bool) -> None:
+        """Called by every mutation: n_invalid is recounted on next read; a removal starts a new version."""
+        self._n_invalid = None
+        if removed:
+            self._history = [next(_versions)]
+
     def _reallocate(self, new_cap: Sequence[int]) -> None:
         """Move every segment into fresh buffers with capacities `new_cap` (>= current lengths)."""
         starts, total = [], 0
@@ -133,7 +234,7 @@ class LayerCache:
         self.start, self.cap = starts, list(new_cap)
 
     def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        """Append T new tokens to every segment.
+        """Append T new tokens to every segment (their slots are the last T of each segment).
 
         Args:
             k, v: (B, Hkv, T, D) keys (after RoPE) and values.
@@ -146,35 +247,19 @@ class LayerCache:
             self.pos = pos[:, None, :].expand(B, H, T).reshape(-1).clone()
             self.start, self.length, self.cap = [i * T for i in range(B * H)], [T] * (B * H), [T] * (B * H)
             self.acc = {name: torch.zeros(B * H * T, device=self.k.device) for name in self.acc}
-            self.n_invalid = int((pos < 0).sum()) * H
-            return
-        if any(L + T > c for L, c in zip(self.length, self.cap, strict=True)):
-            self._reallocate(
-                [max(c, L + T + headroom(L + T)) for L, c in zip(self.length, self.cap, strict=True)]
-            )
-        if self.is_uniform():
-            L, c = self.length[0], self.cap[0]
-            self.k.view(B, H, c, D)[:, :, L : L + T] = k
-            self.v.view(B, H, c, D)[:, :, L : L + T] = v
-            self.pos.view(B, H, c)[:, :, L : L + T] = pos[:, None, :]
-            for a in self.acc.values():
-                a.view(B, H, c)[:, :, L : L + T] = 0
         else:
-            for i in range(self.n_segments):
-                b, h = divmod(i, H)
-                s = self.start[i] + self.length[i]
-                self.k[s : s + T], self.v[s : s + T], self.pos[s : s + T] = k[b, h], v[b, h], pos[b]
-                for a in self.acc.values():
-                    a[s : s + T] = 0
-        self.length = [L + T for L in self.length]
-        self.n_invalid += int((pos < 0).sum()) * H
-
-    def _equal_lengths(self) -> bool:
-        return all(x == self.length[0] for x in self.length)
-
-    def _equal_caps_contiguous(self) -> bool:
-        c = self.cap[0]
-        return all(x == c for x in self.cap) and all(s == i * c for i, s in enumerate(self.start))
+            if any(L + T > c for L, c in zip(self.length, self.cap, strict=True)):
+                self._reallocate(
+                    [max(c, L + T + headroom(L + T)) for L, c in zip(self.length, self.cap, strict=True)]
+                )
+            at, n = list(self.length), [T] * self.n_segments
+            self._write(self.k, k, at, n)
+            self._write(self.v, v, at, n)
+            self._write(self.pos, pos[:, None, :].expand(B, H, T), at, n)
+            for a in self.acc.values():
+                self._write(a, a.new_zeros(B, H, T), at, n)
+            self.length = [L + T for L in self.length]
+        self._changed(removed=False)
 
     def keep(self, slots: Sequence[Tensor]) -> None:
         """Compact: segment i keeps the slots `slots[i]` (indices into the segment, in the given order).
@@ -195,17 +280,47 @@ class LayerCache:
         self.start = [0] * self.n_segments
         for i in range(1, self.n_segments):
             self.start[i] = self.start[i - 1] + self.length[i - 1]
-        self.n_invalid = int((self.pos < 0).sum())
+        self._changed(removed=True)
 
     def remove_slot(self, i: int, slot: int) -> None:
         """Evict one slot of segment i in O(1): its last slot moves into the freed one."""
         s, L = self.start[i], self.length[i]
+        if not 0 <= slot < L:
+            raise IndexError(f"segment {i}: slot {slot} out of range [0, {L})")
         last = s + L - 1
-        self.n_invalid -= int(self.pos[s + slot] < 0)
         if slot != L - 1:
             for buf in (self.k, self.v, self.pos, *self.acc.values()):
                 buf[s + slot] = buf[last]
         self.length[i] = L - 1
+        self._changed(removed=True)
+
+    def checkpoint(self) -> int:
+        """Start a new version and return it: the handle `truncate_to` needs to come back here."""
+        v = next(_versions)
+        self._history.append(v)
+        return v
+
+    def check_truncate(self, version: int, lengths: Sequence[int]) -> str | None:
+        """None if `truncate_to(version, lengths)` is exact, else why not (nothing is changed)."""
+        if version not in self._history:
+            return (
+                "slots were evicted since it was taken (keep / remove_slot), the cache was truncated "
+                "to an earlier snapshot in between, or the snapshot is of another cache"
+            )
+        if len(lengths) != self.n_segments or any(a > b for a, b in zip(lengths, self.length, strict=True)):
+            return f"its lengths {list(lengths)} do not fit the cache's {self.length}"
+        return None
+
+    def truncate_to(self, version: int, lengths: Sequence[int]) -> None:
+        """Drop the slots appended since `checkpoint()` returned `version` (segment i keeps lengths[i]).
+
+        Raises CacheError if that is not exact (see `check_truncate`).
+        """
+        if (why := self.check_truncate(version, lengths)) is not None:
+            raise CacheError(f"cannot truncate this layer to version {version}: {why}")
+        del self._history[self._history.index(version) + 1 :]  # later snapshots are gone for good
+        self.length = list(lengths)
+        self._changed(removed=False)
 
     def accumulator(self, name: str) -> Tensor:
         """The per-slot float32 accumulator `name` (N,), created at zero on first use."""
@@ -213,95 +328,27 @@ class LayerCache:
             self.acc[name] = torch.zeros(self.pos.shape[0], device=self.k.device)
         return self.acc[name]
 
-    def acc_dense(self, name: str) -> Tensor:
-        """Accumulator `name` as (B, Hkv, S), same layout as `dense()` (padding slots 0)."""
-        a = self.accumulator(name)
-        B, H = self.batch, self.n_kv_heads
-        if self.is_uniform():
-            return a.view(B, H, self.cap[0])[:, :, : self.length[0]]
-        out = a.new_zeros(B * H, max(self.length))
-        for i in range(self.n_segments):
-            out[i, : self.length[i]] = a[self.start[i] : self.start[i] + self.length[i]]
-        return out.view(B, H, -1)
-
     def add_to_accumulator(self, name: str, values: Tensor) -> None:
         """Add `values` (B, Hkv, S) in `dense()` layout to accumulator `name`."""
-        a = self.accumulator(name)
-        B, H = self.batch, self.n_kv_heads
-        if self.is_uniform():
-            a.view(B, H, self.cap[0])[:, :, : self.length[0]] += values
-            return
-        flat = values.reshape(B * H, -1)
-        for i in range(self.n_segments):
-            a[self.start[i] : self.start[i] + self.length[i]] += flat[i, : self.length[i]]
+        self._write(self.accumulator(name), values, [0] * self.n_segments, self.length, add=True)
 
-    # ----------------------------------------------------------------------------- attention
-    def attend(self, q: Tensor, n_new: int) -> Tensor:
-        """Attention of new queries over this layer's cache (which already holds the new tokens).
-
-        Each new query sees every slot that was cached before this step, plus the new slots up to and
-        including its own (causal); pad slots (pos -1) are seen by no other query.
-
-        Args:
-            q: (B, Hq, T, D) queries after RoPE, T = n_new.
-        Returns:
-            (B, Hq, T, D) attention outputs.
-        """
-        if self.is_uniform():
-            return self._attend_uniform(q, n_new)
-        return self._attend_ragged(q, n_new)
-
-    def _attend_uniform(self, q: Tensor, n_new: int) -> Tensor:
-        k, v, pos = self.dense()
-        L = k.shape[2]
-        if self.n_invalid == 0 and n_new == 1:
-            return _decode_attention(q, k, v)
-        if self.n_invalid == 0 and n_new == L:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        mask = _visibility(pos, L, n_new)  # (B, Hkv, T, L)
-        mask = mask.repeat_interleave(q.shape[1] // self.n_kv_heads, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-    def _attend_ragged(self, q: Tensor, n_new: int) -> Tensor:
-        B, Hq, T, D = q.shape
-        G = Hq // self.n_kv_heads
-        out = torch.empty_like(q)
-        for i in range(self.n_segments):
-            b, h = divmod(i, self.n_kv_heads)
-            k, v, pos = self.segment(i)
-            qi = q[b, h * G : (h + 1) * G]  # (G, T, D)
-            mask = None
-            if n_new > 1 or (pos < 0).any():
-                mask = _visibility(pos[None, None], k.shape[0], n_new)[0]  # (1, T, L)
-            out[b, h * G : (h + 1) * G] = F.scaled_dot_product_attention(
-                qi, k.expand(G, -1, -1), v.expand(G, -1, -1), attn_mask=mask
-            )
-        return out
+    def copy(self) -> LayerCache:
+        """A deep copy (same version history: the copy can be truncated to the original's snapshots)."""
+        c = LayerCache.__new__(LayerCache)
+        c.__dict__.update(self.__dict__)
+        c.k, c.v, c.pos = self.k.clone(), self.v.clone(), self.pos.clone()
+        c.acc = {n: a.clone() for n, a in self.acc.items()}
+        c.start, c.length, c.cap = list(self.start), list(self.length), list(self.cap)
+        c._history = list(self._history)
+        return c
 
 
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """One new query per row over every cached slot: two small batched matmuls, softmax in float32.
+class CacheSnapshot(NamedTuple):
+    """What `KVCache.truncate_to` needs to come back: lengths, position counter, and layer versions."""
 
-    (CPU SDPA kernels are tuned for long query blocks; for T = 1 this is several times faster.)
-    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) -> (B, Hq, 1, D).
-    """
-    B, Hq, _, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, Hq // Hkv, D)  # the G query heads of a KV head as rows
-    w = torch.softmax((qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D)), dim=-1)
-    return (w.to(v.dtype) @ v).reshape(B, Hq, 1, D)
-
-
-def _visibility(pos: Tensor, L: int, n_new: int) -> Tensor:
-    """Boolean mask (..., T, L): old slots visible if valid, new slots causal, a slot always sees itself."""
-    T = n_new
-    old = torch.ones(T, L - T, dtype=torch.bool, device=pos.device)
-    new = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
-    causal = torch.cat([old, new], dim=1)  # (T, L)
-    valid = (pos >= 0)[..., None, :]  # (..., 1, L)
-    own = torch.zeros(T, L, dtype=torch.bool, device=pos.device)
-    own[torch.arange(T), L - T + torch.arange(T)] = True
-    return (causal & valid) | own
+    lengths: list[list[int]]  # per layer, per segment (as `LayerCache.length`)
+    seen: Tensor  # (B,) the position counter
+    versions: list[int]  # per layer, from `LayerCache.checkpoint`
 
 
 class KVCache:
@@ -380,32 +427,46 @@ class KVCache:
         return out
 
     def fork(self) -> KVCache:
-        """A deep copy (for trying several presses on one prefill)."""
+        """A deep copy (for trying several presses on one prefill). It can be truncated to snapshots of
+        the original taken before the fork, and to its own."""
         new = KVCache.__new__(KVCache)
         new.seen = self.seen.clone()
-        new.layers = []
-        for layer in self.layers:
-            c = LayerCache.__new__(LayerCache)
-            c.__dict__.update(layer.__dict__)
-            c.k, c.v, c.pos = layer.k.clone(), layer.v.clone(), layer.pos.clone()
-            c.acc = {n: a.clone() for n, a in layer.acc.items()}
-            c.start, c.length, c.cap = list(layer.start), list(layer.length), list(layer.cap)
-            new.layers.append(c)
+        new.layers = [layer.copy() for layer in self.layers]
         return new
 
-    def truncate_to(self, lengths: list[list[int]], seen: Tensor) -> None:
-        """Drop slots appended after a snapshot (lengths per layer as `layer.length`, counter `seen`).
+    def snapshot(self) -> CacheSnapshot:
+        """A point to come back to with `truncate_to`: lengths per layer, position counter, versions.
 
-        Used to reuse one compressed context for several questions: appended slots are always at the end
-        of their segments, so truncation is exact (as long as no decode-time eviction ran in between).
+        Used to reuse one compressed context for several questions: appended slots are always at the
+        end of their segments, so dropping them is exact as long as no slot was evicted in between.
         """
-        for layer, ls in zip(self.layers, lengths, strict=True):
-            layer.length = list(ls)
-            layer.n_invalid = sum(
-                int((layer.pos[s : s + n] < 0).sum()) for s, n in zip(layer.start, ls, strict=True)
-            )
-        self.seen = seen.clone()
+        return CacheSnapshot(
+            [list(layer.length) for layer in self.layers],
+            self.seen.clone(),
+            [layer.checkpoint() for layer in self.layers],
+        )
 
-    def snapshot(self) -> tuple[list[list[int]], Tensor]:
-        """(lengths per layer, counter) to restore with `truncate_to`."""
-        return [list(layer.length) for layer in self.layers], self.seen.clone()
+    def truncate_to(
+        self,
+        snapshot: CacheSnapshot | list[list[int]],
+        seen: Tensor | None = None,
+        versions: Sequence[int] | None = None,
+    ) -> None:
+        """Drop every slot appended after `snapshot` and restore the position counter.
+
+        Call as `truncate_to(snap)` or `truncate_to(*snap)`. All or nothing: raises CacheError, and
+        changes nothing, if any layer had slots evicted (keep, remove_slot) since the snapshot, or was
+        truncated to an earlier snapshot in between (the slots after that point are no longer these).
+        Truncating to the same snapshot again and again (one context, many questions) is fine.
+        """
+        snap = snapshot if isinstance(snapshot, CacheSnapshot) else CacheSnapshot(snapshot, seen, versions)
+        if snap.versions is None or snap.seen is None:
+            raise CacheError("truncate_to needs a snapshot taken with KVCache.snapshot()")
+        if len(snap.lengths) != len(self.layers) or len(snap.versions) != len(self.layers):
+            raise CacheError(f"this snapshot has {len(snap.lengths)} layers, the cache {len(self.layers)}")
+        for i, (layer, ls, ver) in enumerate(zip(self.layers, snap.lengths, snap.versions, strict=True)):
+            if (why := layer.check_truncate(ver, ls)) is not None:
+                raise CacheError(f"cannot truncate layer {i} to this snapshot: {why}")
+        for layer, ls, ver in zip(self.layers, snap.lengths, snap.versions, strict=True):
+            layer.truncate_to(ver, ls)
+        self.seen = snap.seen.clone()

@@ -5,6 +5,20 @@ slots and `-inf` for invalid (padding) slots; an allocator (`allocators.py`) the
 The saliency term itself comes from a pluggable score (`scores.py`): `attn`, `obv`, `obk`, `obkv`, ...
 OBCache variants keep everything of the baseline policy and change only that term (scores.md section 3).
 
+A policy is one class registered with `@register_policy` (it becomes a frozen dataclass whose fields are
+its options, and `<policy>`, `<policy>-<score>` and `<allocator>-<policy>...` become press names). The
+hooks a press calls, in order, at prefill:
+
+1. `score(q, q_pos, layer, score_fn, gqa)`: budget-independent scores, pure (writes nothing), so one
+   scoring serves every compression ratio and allocator (`obinfer/cache/fanout.py`);
+2. `update_state(layer, scores, pos)`: fold them into per-slot state kept in the layer (H2O's sums); called
+   whenever scores were computed, also when nothing is evicted and when they came from a memo;
+3. `protect(scores, pos, q_pos, n_kept)`: the budget-dependent part (H2O's recent window);
+
+and after each decoding step (only policies with `decode_time`, under an absolute budget):
+`decode_scores` (pure), `update_state`, `decode_ranking`, `protect_decode`. `observed_span(n)` declares
+which prompt queries the scores read, so a shared prefill records only those.
+
 Spec: docs/scores.md section 3. Defaults follow kvpress where it has the method.
 
 Every option is type- and range-checked when the policy is made (`__post_init__`): a bad value raises
@@ -14,6 +28,7 @@ Every option is type- and range-checked when the policy is made (`__post_init__`
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -60,49 +75,112 @@ def check_choice(owner: str, name: str, v: Any, choices: tuple[str, ...]) -> Non
         raise PressError(f"{owner} option {name} must be one of {', '.join(choices)}; got {_show(v)}")
 
 
-@dataclass
 class Policy:
-    """Base class. `uses_score`: takes a `-<score>` suffix. `decode_time`: can evict while decoding."""
+    """Base class of eviction policies (register subclasses with `@register_policy`).
+
+    Class attributes: `name` (the press-name part, no "-"), `uses_score` (takes a `-<score>` suffix and
+    observes queries), `decode_time` (can evict while decoding). Options are dataclass fields.
+    """
 
     name = "policy"
     uses_score = True
     decode_time = False
 
-    def observed_queries(self, n: int) -> int | None:
-        """Prompt queries whose attention scores the keys for a prompt of n tokens (None: unknown)."""
-        return None
+    # ------------------------------------------------------------------ what is observed
+    def observed_span(self, n: int) -> tuple[int, int] | None:
+        """[start, end) of the prompt queries (positions 0..n-1) whose attention scores the keys.
 
-    def prefill_scores(
-        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str, n_kept: Tensor | None
-    ) -> Tensor:
-        """Scores (B, Hkv, S) of the layer's slots after prefill; q: (B, Hq, T, D) all prompt queries.
+        None: no query (score-free policies). Default: every query when the policy uses a score (always
+        correct; narrow it so that a shared prefill records fewer queries).
+        """
+        return (0, n) if self.uses_score and n > 0 else None
 
-        n_kept (B,) is the budget; None leaves out budget-dependent protection (see `protect`).
+    def observed_queries(self, n: int) -> int:
+        """How many prompt queries score the keys for a prompt of n tokens (0: none)."""
+        span = self.observed_span(n)
+        return 0 if span is None else span[1] - span[0]
+
+    def queries_needed(self, n: int) -> int:
+        """How many of the last prompt queries `score` reads for a prompt of n tokens (0: none)."""
+        span = self.observed_span(n)
+        return 0 if span is None else n - span[0]
+
+    # ------------------------------------------------------------------ prefill
+    def score(self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fn: ScoreFn, gqa: str) -> Tensor:
+        """Budget-independent scores (B, Hkv, S) of the layer's slots after prefill. Pure.
+
+        q: (B, Hq, T', D) the last T' prompt queries (post-RoPE; at least `queries_needed(T)` of them
+        and at least one; index them from the end), q_pos: (B, T') their positions. Slots that are
+        always kept whatever the budget (SnapKV's window, TOVA's last token) score `+inf`; invalid
+        slots `-inf`.
         """
         raise NotImplementedError
 
-    def raw_scores(self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str) -> Tensor:
-        """The budget-independent part of `prefill_scores`: one scoring serves every compression ratio."""
-        return self.prefill_scores(q, q_pos, layer, score, gqa, None)
+    def update_state(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> None:
+        """Fold scores (B, Hkv, S) from `score` or `decode_scores` into per-slot state in the layer.
+
+        pos: (B, Hkv, S) slot positions (`layer.dense()`, negative: invalid). Called by the press
+        whenever scores were computed for the layer, before it is compacted (the state is compacted
+        with the slots). Default: no state.
+        """
 
     def protect(self, scores: Tensor, pos: Tensor, q_pos: Tensor, n_kept: Tensor) -> Tensor:
-        """Budget-dependent protection added to `raw_scores` (default: none)."""
+        """The final prefill ranking for a budget of n_kept (B,) tokens per head (default: `scores`).
+
+        Budget-dependent protection (`+inf`) goes here, and any rescaling that must not enter the
+        state. pos: (B, Hkv, S) slot positions; q_pos: as given to `score`.
+        """
         return scores
 
-    def decode_scores(self, q: Tensor, q_pos: Tensor, layer: LayerCache, score: ScoreFn, gqa: str) -> Tensor:
-        """Scores (B, Hkv, S) after a decode step whose queries are q (B, Hq, T, D)."""
+    # ------------------------------------------------------------------ decode
+    def decode_scores(
+        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fn: ScoreFn, gqa: str
+    ) -> Tensor:
+        """Scores (B, Hkv, S) of a decode step whose queries are q (B, Hq, T, D). Pure."""
         raise PressError(f"{self.name} does not evict during decoding")
+
+    def decode_ranking(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> Tensor:
+        """The ranking after a decode step, once `update_state` ran (default: the step's scores)."""
+        return scores
 
     def protect_decode(self, scores: Tensor, pos: Tensor, seen: Tensor, budget: int) -> Tensor:
         """Mark slots that decode-time eviction must keep (default: the newest token)."""
         return scores.masked_fill(pos == (seen[:, None, None] - 1), INF)
 
 
+RESERVED_NAMES = ("full", "none")
+POLICIES: dict[str, type[Policy]] = {}
+
+
+def check_name(kind: str, name: Any) -> None:
+    """ValueError unless name can be part of a press name: a non-empty string without "-", not reserved."""
+    if not isinstance(name, str) or not name or "-" in name or name in RESERVED_NAMES:
+        raise ValueError(f"{kind} name must be a non-empty string without '-', not full/none; got {name!r}")
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: register a `Policy` subclass under its `name` (made a frozen dataclass if it is
+    not a dataclass already). Its options are the dataclass fields, checked in `__post_init__`."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise TypeError(f"register_policy takes a Policy subclass, got {cls!r}")
+    name = cls.__dict__.get("name")
+    check_name("policy", name)
+    if name in POLICIES:
+        raise ValueError(f"policy {name!r} is already registered")
+    allocators = getattr(sys.modules.get("obinfer.cache.allocators"), "ALLOCATORS", {})
+    if name in allocators:
+        raise ValueError(f"policy {name!r} would shadow the allocator of that name")
+    if "__dataclass_fields__" not in cls.__dict__:
+        cls = dataclass(frozen=True)(cls)
+    POLICIES[name] = cls
+    return cls
+
+
 def _invalid(scores: Tensor, pos: Tensor) -> Tensor:
     return scores.masked_fill(pos < 0, -INF)
 
 
-@dataclass
+@register_policy
 class SnapKV(Policy):
     """SnapKV: the last `window` prompt queries observe; scores pooled; the window is always kept.
 
@@ -131,14 +209,14 @@ class SnapKV(Policy):
             )
         check_choice(self.name, "pooling", self.pooling, ("avg", "max"))
 
-    def observed_queries(self, n: int) -> int:
-        return min(self.window, n)
+    def observed_span(self, n: int) -> tuple[int, int] | None:
+        return (n - min(self.window, n), n) if n > 0 else None
 
-    def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
+    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
         n = k.shape[2]
         w = min(self.window, n)
-        s = score(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa))  # (B, Hkv, n)
+        s = score_fn(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa))  # (B, Hkv, n)
         short = (pos[:, 0] >= 0).sum(-1) <= self.window  # (B,) rows observed whole
         if bool(short.all()):
             return _invalid(self._whole_prompt(s, pos, q_pos[:, -w:]), pos)
@@ -163,7 +241,7 @@ class SnapKV(Policy):
         return pool_scores(mean, self.kernel, self.pooling)
 
 
-@dataclass
+@register_policy
 class TOVA(Policy):
     """TOVA: the last query observes; its score is averaged over all heads (same kept set per KV head)."""
 
@@ -174,25 +252,25 @@ class TOVA(Policy):
     def __post_init__(self) -> None:
         check_bool(self.name, "per_head", self.per_head)
 
-    def observed_queries(self, n: int) -> int:
-        return min(1, n)
+    def observed_span(self, n: int) -> tuple[int, int] | None:
+        return (n - 1, n) if n > 0 else None
 
-    def _last_query(self, q, q_pos, layer, score, gqa):  # noqa: ANN001
+    def _last_query(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
-        s = score(ScoreInputs(q[:, :, -1:], k, v, q_pos[:, -1:], pos, gqa))
+        s = score_fn(ScoreInputs(q[:, :, -1:], k, v, q_pos[:, -1:], pos, gqa))
         if not self.per_head:
             s = s.masked_fill(pos < 0, 0.0).mean(1, keepdim=True).expand_as(s)
         return _invalid(s, pos), pos
 
-    def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
-        s, pos = self._last_query(q, q_pos, layer, score, gqa)
+    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
+        s, pos = self._last_query(q, q_pos, layer, score_fn, gqa)
         return s.masked_fill(pos == q_pos[:, -1:, None], INF)  # the last token is always kept
 
-    def decode_scores(self, q, q_pos, layer, score, gqa):  # noqa: ANN001
-        return self._last_query(q, q_pos, layer, score, gqa)[0]
+    def decode_scores(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
+        return self._last_query(q, q_pos, layer, score_fn, gqa)[0]
 
 
-@dataclass
+@register_policy
 class H2O(Policy):
     """H2O: scores accumulated over every query seen (prefill, then decode); recent tokens protected.
 
@@ -201,6 +279,9 @@ class H2O(Policy):
     `normalize="visible"`: divide each key's prefill sum by the number of queries that see it and use
     no recent window (kvpress ObservedAttentionPress, prefill only).
     `chunk`: queries scored at once (memory, not results).
+
+    State: the per-slot sums live in the layer's accumulator `acc_name` (`update_state`), so decoding
+    steps keep adding to them; `score` returns the plain sums and `protect` applies the normalisation.
     """
 
     name = "h2o"
@@ -217,28 +298,27 @@ class H2O(Policy):
         if not isinstance(self.acc_name, str) or not self.acc_name:
             raise PressError(f"h2o option acc_name must be a non-empty string, got {_show(self.acc_name)}")
 
-    def observed_queries(self, n: int) -> int:
-        return n
+    def observed_span(self, n: int) -> tuple[int, int] | None:
+        return (0, n) if n > 0 else None
 
-    def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
+    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
-        s = self._sums(q, q_pos, k, v, pos, score, gqa)
-        layer.add_to_accumulator(self.acc_name, s)  # decode steps keep adding to these sums
-        if self.normalize == "visible":
-            seen = q_pos[:, -1][:, None, None] + 1  # queries in the prompt per row
-            s = s / (seen - pos).clamp_min(1)
-        s = _invalid(s, pos)
-        return s if n_kept is None else self.protect(s, pos, q_pos, n_kept)
+        return _invalid(self._sums(q, q_pos, k, v, pos, score_fn, gqa), pos)
+
+    def update_state(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> None:
+        """Add the sums to the accumulator (0 on invalid slots)."""
+        layer.add_to_accumulator(self.acc_name, scores.masked_fill(pos < 0, 0.0))
 
     def protect(self, scores: Tensor, pos: Tensor, q_pos: Tensor, n_kept: Tensor) -> Tensor:
-        """The recent window (none with normalize="visible", as kvpress)."""
+        """The recent window; with normalize="visible", the per-key mean instead and no window (kvpress)."""
         if self.normalize == "visible":
-            return scores
+            seen = q_pos[:, -1][:, None, None] + 1  # queries in the prompt per row
+            return _invalid(scores / (seen - pos).clamp_min(1), pos)
         return self._protect_recent(scores, pos, q_pos[:, -1] + 1, n_kept)
 
-    def _sums(self, q, q_pos, k, v, pos, score, gqa) -> Tensor:  # noqa: ANN001
+    def _sums(self, q, q_pos, k, v, pos, score_fn, gqa) -> Tensor:  # noqa: ANN001
         """The score summed over the new queries q (the last slots), chunk by chunk; 0 on invalid slots."""
-        s = score_queries_chunked(score, q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True)
+        s = score_queries_chunked(score_fn, q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True)
         return s.masked_fill(pos < 0, 0.0)
 
     def _protect_recent(self, s: Tensor, pos: Tensor, seen: Tensor, budget: Tensor | int) -> Tensor:
@@ -246,16 +326,19 @@ class H2O(Policy):
         r = r.reshape(-1, 1, 1) if r.dim() else r
         return s.masked_fill((pos >= seen[:, None, None] - r) & (pos >= 0), INF)
 
-    def decode_scores(self, q, q_pos, layer, score, gqa):  # noqa: ANN001
+    def decode_scores(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
-        layer.add_to_accumulator(self.acc_name, self._sums(q, q_pos, k, v, pos, score, gqa))
+        return self._sums(q, q_pos, k, v, pos, score_fn, gqa)
+
+    def decode_ranking(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> Tensor:
+        """The accumulated sums (prefill and every decoding step so far)."""
         return _invalid(layer.acc_dense(self.acc_name).clone(), pos)
 
     def protect_decode(self, scores, pos, seen, budget):  # noqa: ANN001
         return self._protect_recent(scores, pos, seen, budget)
 
 
-@dataclass
+@register_policy
 class StreamingLLM(Policy):
     """StreamingLLM: keep `sinks` first tokens and the most recent ones."""
 
@@ -266,31 +349,25 @@ class StreamingLLM(Policy):
     def __post_init__(self) -> None:
         check_int(self.name, "sinks", self.sinks, 0)
 
-    def observed_queries(self, n: int) -> int:
-        return 0
-
-    def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
+    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         _, _, pos = layer.dense()
         s = pos.float().masked_fill((pos >= 0) & (pos < self.sinks), INF)
         return _invalid(s, pos)
 
 
-@dataclass
+@register_policy
 class Knorm(Policy):
     """Knorm: keep keys with the smallest L2 norm (score = -||k||, post-RoPE, float32)."""
 
     name = "knorm"
     uses_score = False
 
-    def observed_queries(self, n: int) -> int:
-        return 0
-
-    def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
+    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, _, pos = layer.dense()
         return _invalid(-k.float().norm(dim=-1), pos)
 
 
-@dataclass
+@register_policy
 class Random(Policy):
     """Random baseline: random scores from an explicit, seeded generator."""
 
@@ -304,13 +381,7 @@ class Random(Policy):
                 f"random option seed must be an integer in [-2**63, 2**64), got {_show(self.seed)}"
             )
 
-    def observed_queries(self, n: int) -> int:
-        return 0
-
-    def prefill_scores(self, q, q_pos, layer, score, gqa, n_kept):  # noqa: ANN001
+    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         _, _, pos = layer.dense()
         g = torch.Generator().manual_seed(self.seed)
         return _invalid(torch.rand(pos.shape, generator=g).to(pos.device), pos)
-
-
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (SnapKV, TOVA, H2O, StreamingLLM, Knorm, Random)}

@@ -18,7 +18,10 @@ Adding a score is one function and one decorator line::
     @register_score("my_score")
     def my_score(inp: ScoreInputs) -> Tensor:
         t = inp.terms
-        return _reduce(inp, t.A * t.z)
+        return reduce_term(inp, t.A * t.z)
+
+It becomes the suffix of press names (`snapkv-my_score`, `adakv-h2o-my_score`, ...) for every policy
+that takes a score. A name must not contain "-" (the press-name separator).
 """
 
 from __future__ import annotations
@@ -187,9 +190,13 @@ class ScoreInputs:
         return Terms(A, z, vo, o.square().sum(-1, keepdim=True), self.vnorm2[:, :, None, None, :])
 
 
-def _reduce(inp: ScoreInputs, term: Tensor) -> Tensor:
-    """Sum a (B, Hkv, G', W, n) term over group and queries -> (B, Hkv, n); -inf on invalid slots."""
+def reduce_term(inp: ScoreInputs, term: Tensor) -> Tensor:
+    """Sum a per-(head, query, slot) term (B, Hkv, G', W, n) (the layout of `inp.terms`) over the group
+    and the observation queries -> (B, Hkv, n) scores, -inf on invalid slots: the last line of a score."""
     return term.sum((2, 3)).masked_fill(~inp.valid, float("-inf"))
+
+
+_reduce = reduce_term
 
 
 def _dist2(t: Terms) -> Tensor:
@@ -199,6 +206,9 @@ def _dist2(t: Terms) -> Tensor:
 
 def register_score(name: str) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator adding a score function to :data:`SCORES` under ``name``."""
+
+    if not isinstance(name, str) or not name or "-" in name or name in ("full", "none"):
+        raise ValueError(f"score name must be a non-empty string without '-', not full/none; got {name!r}")
 
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in SCORES:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from obinfer.assets import AssetError, Downloader, WheelAsset, fetch_wheel_asset
-from obinfer.errors import ObinferError
+from obinfer.errors import ObinferError, require
 from obinfer.storage import default_data_dir
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def word_list(kind: str) -> tuple[str, ...]:
     """
     if kind not in ("noun", "adjective", "verb"):
         raise ValueError(f"unknown word list {kind!r}; expected noun, adjective or verb")
+    require("wonderwords", what="the RULER tasks")
     text = importlib.resources.files("wonderwords").joinpath("assets", f"{kind}list.txt").read_text("utf-8")
     return tuple(sorted({line.rstrip() for line in text.splitlines() if line.strip()}))
 

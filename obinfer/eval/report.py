@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from obinfer.errors import ObinferError
+from obinfer.errors import ObinferError, require
 from obinfer.storage import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -326,6 +326,7 @@ def format_comparisons(comps: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------- plots
 def _new_figure(w: float, h: float, layout: str | None = None):  # noqa: ANN202
     """A matplotlib Figure on an Agg canvas (no pyplot, no global backend state)."""
+    require("matplotlib", what="plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -10,10 +10,11 @@ suffix + answer prefix follow it.
 
 One prefill serves every press: compressing a layer never changes that layer's forward pass (the
 press runs after the layer's attention) and the next layer's input does not depend on the layer's cache.
-So the runner prefills once, recording each layer's queries (`QueryRecorder`), then for each
-(press, ratio) forks the full cache and runs exactly the press's prefill observer on the recorded
-queries, layer by layer. The result is the cache a press-in-the-loop prefill would have produced
-(tests/test_eval_runner.py checks the answers are identical). ``reprefill=True`` runs the naive
+So the runner prefills once (`obinfer/cache/fanout.py:Fanout`, recording the queries the presses
+read), then for each (press, ratio) forks the full cache and runs exactly the press's prefill
+compression on the recorded queries, layer by layer, scoring each layer once per policy and score.
+The result is the cache a press-in-the-loop prefill would have produced (tests/test_eval_runner.py
+checks the answers are identical). ``reprefill=True`` runs the naive
 loop (a fresh prefill per press) for timing comparisons.
 
 Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive
@@ -34,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from obinfer.cache.kv_cache import KVCache, LayerCache
-from obinfer.cache.presses import Press, make_press, parse_press_name
+from obinfer.cache.fanout import Fanout
+from obinfer.cache.kv_cache import KVCache
+from obinfer.cache.presses import PressName, make_press
 from obinfer.errors import ObinferError
 from obinfer.eval.metrics import score_row
 from obinfer.eval.report import ReportError, read_results, scan_results
@@ -92,8 +93,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for name in self.presses:
-            if name != FULL:
-                parse_press_name(name)  # PressError listing the valid names
+            PressName.parse(name)  # PressError listing the valid names
         for r in self.ratios:
             if not 0.0 < r < 1.0:
                 raise EvalError(f"compression ratios must be in (0, 1), got {r}")
@@ -167,60 +167,6 @@ def count_tokens_fn(tok: Any) -> Callable[[str], int]:
 
 
 # ------------------------------------------------------------------------------ shared prefill parts
-class QueryRecorder:
-    """A prefill observer that stores each layer's queries (post-RoPE) and their positions.
-
-    Args:
-        keep: how many of the last queries to store per layer (None = all, needed by H2O). Slices are
-            copied so the full (B, Hq, T, D) tensor is not kept alive.
-    """
-
-    def __init__(self, keep: int | None):
-        self.keep = keep
-        self.q: dict[int, Tensor] = {}  # layer -> (B, Hq, T', D)
-        self.q_pos: dict[int, Tensor] = {}  # layer -> (B, T')
-
-    def __call__(self, idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
-        if self.keep is None or self.keep >= q.shape[2]:
-            self.q[idx], self.q_pos[idx] = q, q_pos
-        else:
-            self.q[idx] = q[:, :, -self.keep :].clone()
-            self.q_pos[idx] = q_pos[:, -self.keep :].clone()
-
-
-def queries_needed(press: Press | None) -> int | None:
-    """Last prompt queries a press looks at when compressing (None = all of them)."""
-    if press is None or not press.policy.uses_score:  # full, streamingllm, knorm, random: none
-        return 1
-    if press.policy.name == "snapkv":
-        return int(press.policy.window)
-    if press.policy.name == "tova":
-        return 1
-    return None  # h2o (every query) and anything unknown
-
-
-def _keep_for(names: Sequence[str]) -> int | None:
-    needs = [queries_needed(make_press(n, compression_ratio=0.5)) for n in names]
-    return None if any(n is None for n in needs) else max(needs, default=1)
-
-
-@torch.inference_mode()
-def prefill(model: Transformer, ids: Sequence[int], keep: int | None) -> tuple[KVCache, QueryRecorder]:
-    """Prefill ids (T,) into a fresh full cache, recording each layer's last `keep` queries."""
-    cache = model.new_cache(1)
-    rec = QueryRecorder(keep)
-    model(torch.tensor([list(ids)], device=model.device), cache, observer=rec, last_only=True)
-    return cache, rec
-
-
-@torch.inference_mode()
-def compress(cache: KVCache, rec: QueryRecorder, press: Press) -> None:
-    """Compress `cache` in place exactly as `press.prefill_observer()` would have during the prefill."""
-    observe = press.prefill_observer()
-    for i, layer in enumerate(cache.layers):
-        observe(i, rec.q[i], rec.q_pos[i], layer)
-
-
 def answer(
     model: Transformer, tok: Any, cache: KVCache, q_ids: Sequence[int], max_new: int
 ) -> tuple[str, int]:
@@ -285,19 +231,13 @@ def run_sample(
 def _shared(
     model: Transformer, tok: Any, ctx: list[int], q: list[int], max_new: int, combos: Sequence[Combo]
 ) -> Iterator[tuple[Combo, dict[str, Any]]]:
-    """One prefill; each press compresses a fork of it (full decodes on the prefill cache itself, last)."""
-    t0 = time.perf_counter()
-    base, rec = prefill(model, ctx, _keep_for([c.press for c in combos if c.press != FULL]))
-    prefill_s, full_bytes, full_tokens = time.perf_counter() - t0, base.nbytes(), base.n_tokens()
-    memos: dict[str, dict] = {}  # press name -> layer -> scores: one scoring serves every ratio
-    for combo in combos:
+    """One prefill; each press compresses a fork of it (the last one, usually full, the prefill itself)."""
+    presses = [make_press(c.press, compression_ratio=c.ratio) for c in combos]  # "full": FULL
+    fan = Fanout(model, ctx, presses)
+    prefill_s, full_bytes, full_tokens = fan.prefill_s, fan.cache.nbytes(), fan.cache.n_tokens()
+    for i, (combo, press) in enumerate(zip(combos, presses, strict=True)):
         t0 = time.perf_counter()
-        cache = base
-        if combo.press != FULL:
-            cache = base.fork()
-            press = make_press(combo.press, compression_ratio=combo.ratio)
-            press.score_memo = memos.setdefault(combo.press, {})
-            compress(cache, rec, press)
+        cache = fan.compress(press, in_place=i == len(combos) - 1)
         t1 = time.perf_counter()
         res = _cache_fields(cache, full_bytes, full_tokens)
         res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
@@ -313,13 +253,13 @@ def _reprefilled(
     """The naive loop: a fresh prefill per press, compressing inside it (the press's prefill observer)."""
     ids = torch.tensor([ctx], device=model.device)
     for combo in combos:
-        press = None if combo.press == FULL else make_press(combo.press, compression_ratio=combo.ratio)
+        run = make_press(combo.press, compression_ratio=combo.ratio).start()
         t0 = time.perf_counter()
         cache = model.new_cache(1)
         with torch.inference_mode():
-            model(ids, cache, observer=None if press is None else press.prefill_observer(), last_only=True)
+            model(ids, cache, observer=run.prefill_observer(), last_only=True)
         t1 = time.perf_counter()
-        full_bytes = press.bytes_before if press is not None else cache.nbytes()
+        full_bytes = run.bytes_before or cache.nbytes()
         res = _cache_fields(cache, full_bytes, len(ctx) * sum(L.n_segments for L in cache.layers))
         res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
         res.update(prefill_s=t1 - t0, compress_s=0.0, decode_s=time.perf_counter() - t1, shared_prefill=False)

@@ -1,8 +1,9 @@
 """The decoder: Llama-3.x and Qwen-2.5 in one small file.
 
 A token's path: `embed_tokens` -> for each `Block`: RMSNorm -> q/k/v projections -> RoPE on q and k ->
-append k, v to this layer's `LayerCache` -> attention of q over the cache -> o_proj -> residual ->
-RMSNorm -> SwiGLU MLP -> residual; then the final RMSNorm and the LM head give logits.
+append k, v to this layer's `LayerCache` -> attention of q over the cache (`attention.attend`, in
+obinfer/cache/attention.py) -> o_proj -> residual -> RMSNorm -> SwiGLU MLP -> residual; then the final
+RMSNorm and the LM head give logits.
 
 Module names mirror Hugging Face's (`model.layers.{i}.self_attn.q_proj`, ...), so HF safetensors
 load with `load_state_dict(strict=True)` and no renaming. The KV cache is an argument, never a
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from obinfer.cache import attention
 from obinfer.cache.kv_cache import KVCache, LayerCache
 from obinfer.config import ModelConfig
 
@@ -88,8 +90,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.append(k, v, pos)
-        out = cache.attend(q, T)  # (B, Hq, T, D)
+        cache.append(k, v, pos)  # the cache now holds this step's T tokens as the last T slots of each head
+        out = attention.attend(cache, q, T)  # (B, Hq, T, D): q over every slot it may see (causal, no pads)
         if observe is not None:  # after the layer's own attention: compression never changes this step
             observe(q, pos, cache)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,4 +1,4 @@
-"""CLI plug-in: ``obinfer eval``, ``obinfer report`` and ``obinfer fetch-essays``.
+"""``obinfer eval``, ``obinfer report`` and ``obinfer fetch-essays``.
 
     obinfer eval --presses full,snapkv,snapkv-obk --ratios 0.25,0.5,0.75 --tasks niah_single_1,vt \\
         --length 2048 --samples 20 --out results/
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from obinfer.cli import add_model_args, load
+from obinfer.cli.common import add_model_args, load
 from obinfer.errors import UserError
 from obinfer.storage import atomic_write_text
 

@@ -1,0 +1,140 @@
+"""Prefill once, compress for many presses.
+
+Compressing a layer at prefill never changes that layer's forward pass (the press runs after the
+layer's attention) and the next layer's input does not depend on the layer's cache. So one
+uncompressed prefill can serve any number of presses: record each layer's queries, then for each press
+fork the full cache and run exactly the press's prefill compression on the recorded queries, layer by
+layer. The result is the cache the press would have produced inside its own prefill (same kept
+positions, same K/V, same policy state; tests/test_fanout.py checks it for every policy and allocator).
+
+    >>> from obinfer.cache.fanout import Fanout
+    >>> presses = [make_press("snapkv-obk", compression_ratio=0.5), make_press("adakv-h2o", budget=8)]
+    >>> fan = Fanout(model, ids, presses)   # one prefill; queries recorded as the presses need them
+    >>> cache = fan.compress(presses[0])    # a compressed fork
+    >>> cache, scores = fan.compress(presses[1], with_scores=True)   # scores by position
+    >>> tuple(scores.shape) == (model.cfg.n_layers, model.cfg.n_kv_heads, len(ids))
+    True
+
+Only the queries the presses read are kept: per layer the last `max(Press.queries_needed(n))` of them
+(every query if a policy observes them all, e.g. H2O; at least the last one). Budget-independent scores
+(`Policy.score`) are computed once per layer for each (policy, score, gqa) and reused by every
+compression ratio, budget and allocator of it.
+
+Used by `obinfer eval` (obinfer/eval/runner.py, one prefill per sample) and `obinfer inspect`
+(obinfer/inspect/run.py, the kept sets and scores of the presses compared).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from obinfer.cache.kv_cache import KVCache, LayerCache
+from obinfer.cache.presses import Press, PressRun
+
+
+class Fanout:
+    """One uncompressed prefill of one prompt, and compressed forks of it.
+
+    Args:
+        model: a `Transformer` (anything with `new_cache(batch)`, `device` and the forward signature
+            `model(ids, cache, observer=..., last_only=True)`).
+        ids: the prompt's token ids (one row).
+        presses: every press `compress` will be asked for (they decide how many queries are recorded).
+
+    Attributes:
+        cache: the uncompressed cache after the prefill (do not modify it; `compress` forks it).
+        n: prompt tokens.
+        n_queries: queries recorded per layer (the last ones of the prompt).
+        prefill_s: seconds the prefill took.
+    """
+
+    def __init__(self, model: Any, ids: Sequence[int], presses: Iterable[Press] = ()) -> None:
+        self.n = len(ids)
+        if self.n == 0:
+            raise ValueError("Fanout needs a non-empty prompt")
+        self.n_queries = max([1, *(p.queries_needed(self.n) for p in presses)])
+        self.q: dict[int, Tensor] = {}  # layer -> (1, Hq, n_queries, D)
+        self.q_pos: dict[int, Tensor] = {}  # layer -> (1, n_queries)
+        self._memos: dict[Any, dict[int, Tensor]] = {}
+        self._consumed = False
+        keep = self.n_queries
+
+        def record(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
+            if keep >= q.shape[2]:
+                self.q[idx], self.q_pos[idx] = q, q_pos
+            else:  # copies, so the full (B, Hq, T, D) tensor is not kept alive
+                self.q[idx], self.q_pos[idx] = q[:, :, -keep:].clone(), q_pos[:, -keep:].clone()
+
+        t0 = time.perf_counter()
+        self.cache: KVCache = model.new_cache(1)
+        with torch.inference_mode():
+            model(torch.tensor([list(ids)], device=model.device), self.cache, observer=record, last_only=True)
+        self.prefill_s = time.perf_counter() - t0
+
+    def compress(
+        self, press: Press, *, run: PressRun | None = None, in_place: bool = False, with_scores: bool = False
+    ) -> KVCache | tuple[KVCache, Tensor]:
+        """The cache `press` would have produced in its own prefill of the prompt.
+
+        Args:
+            run: the press run to fill (timings, bytes_before, observed_queries, head_budgets; continue
+                decode-time eviction with `run.decode_observer()`); a fresh `press.start()` if None.
+            in_place: compress `self.cache` itself instead of a fork (saves a copy for the last press;
+                the fanout cannot compress again afterwards).
+            with_scores: also return the scores the press ranked the slots by, before compaction, as
+                (L, Hkv, n) float32 on the CPU by position (row 0; +inf protected, -inf no slot).
+        Returns:
+            The compressed cache, or (cache, scores) with `with_scores`.
+        Raises:
+            ValueError: the press reads more queries than were recorded (it was not among `presses`),
+                or the fanout's cache was already compressed in place.
+        """
+        if self._consumed:
+            raise ValueError("this Fanout's cache was compressed in place; it cannot serve another press")
+        if press.queries_needed(self.n) > self.n_queries:
+            raise ValueError(
+                f"press {press.name} reads the last {press.queries_needed(self.n)} queries but only "
+                f"{self.n_queries} were recorded: pass it to Fanout(..., presses)"
+            )
+        if run is not None and run.press != press:
+            raise ValueError(f"the run is one of press {run.press.name}, not of {press.name}")
+        if run is None:
+            run = press.start(keep_scores=with_scores)
+        elif with_scores and run.scores is None:
+            run.scores = {}
+        if run.memo is None and not press.is_full:
+            run.memo = self._memo_for(press)
+        cache = self.cache if in_place else self.cache.fork()
+        self._consumed = in_place
+        observe = run.prefill_observer()
+        if observe is not None:
+            with torch.inference_mode():
+                for i, layer in enumerate(cache.layers):
+                    observe(i, self.q[i], self.q_pos[i], layer)
+        if not with_scores:
+            return cache
+        return cache, self._by_position(run)
+
+    def _memo_for(self, press: Press) -> dict[int, Tensor] | None:
+        """The shared layer -> scores dict of press's (policy, score, gqa); None if the policy is unhashable."""
+        key = (press.policy, press.score, press.gqa)
+        try:
+            return self._memos.setdefault(key, {})
+        except TypeError:  # a policy with unhashable options: score it every time
+            return None
+
+    def _by_position(self, run: PressRun) -> Tensor:
+        L = len(self.cache.layers)
+        H = self.cache.layers[0].n_kv_heads
+        out = torch.full((L, H, self.n), -math.inf)
+        for i, (s, pos) in (run.scores or {}).items():
+            valid = pos[0] >= 0
+            for h in range(H):
+                out[i, h, pos[0, h][valid[h]].cpu()] = s[0, h][valid[h]].float().cpu()
+        return out

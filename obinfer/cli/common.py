@@ -1,0 +1,104 @@
+"""What several commands share: the model and press options, the CLI's loader, reading a text file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from obinfer.errors import UserError
+
+
+def load(model: str | None, dtype: str = "float32", device: str = "cpu", weights_dir: str | None = None):  # noqa: ANN201
+    """(model, tokenizer, model_dir) for a --model argument (see obinfer.loading)."""
+    from obinfer.loading import check_device, resolve_model
+    from obinfer.tokenizer import load_tokenizer
+    from obinfer.weights import load_model
+
+    check_device(device)
+    model_dir = resolve_model(model, weights_dir)
+    return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir), model_dir
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", help="checkpoint directory or hub id (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default cpu)")
+    p.add_argument("--weights-dir", help="where converted/downloaded checkpoints live (default ./weights)")
+
+
+def add_press_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--press",
+        default="full",
+        help="KV-cache press, e.g. snapkv, snapkv-obk, adakv-snapkv-obkv, "
+        "h2o-obv, tova-obk (see `obinfer presses`; default full = no compression)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--compression-ratio", type=float, help="fraction of each head's tokens removed, in [0, 1)"
+    )
+    g.add_argument(
+        "--cache-budget", type=int, help="tokens kept per KV head (H2O/TOVA also evict while decoding)"
+    )
+    p.add_argument(
+        "--gqa",
+        default="sum",
+        choices=["sum", "pre"],
+        help="aggregate scores over a KV head's query "
+        "heads: sum of per-head terms (exact OBD) or pre-averaged attention",
+    )
+    p.add_argument(
+        "--press-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="policy option, e.g. window=32 (snapkv), normalize=visible (h2o), per_head=true (tova)",
+    )
+
+
+def build_press(args: argparse.Namespace):  # noqa: ANN201
+    """The press of --press / --compression-ratio / --cache-budget / --gqa / --press-opt (FULL for none)."""
+    from obinfer.cache.presses import PressName, make_press
+
+    if args.press != "none" and not PressName.parse(args.press).is_full:  # unknown names fail here
+        if args.compression_ratio is None and args.cache_budget is None:
+            raise UserError(f"--press {args.press} needs --compression-ratio R or --cache-budget N")
+    opts = {}
+    for kv in args.press_opt:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise UserError(f"--press-opt expects KEY=VALUE, got {kv!r}")
+        opts[key] = parse_value(val)
+    return make_press(
+        args.press, compression_ratio=args.compression_ratio, budget=args.cache_budget, gqa=args.gqa, **opts
+    )
+
+
+def parse_value(val: str) -> object:
+    if val.lower() in ("none", "null"):
+        return None
+    if val.lower() in ("true", "false"):
+        return val.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(val)
+        except ValueError:
+            pass
+    return val
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file given on the command line (a directory, a missing file or other bytes: one line)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{path} is a directory, expected a text file")
+    if not p.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None

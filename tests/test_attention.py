@@ -1,0 +1,211 @@
+"""obinfer.cache.attention: attention over a LayerCache, against a float64 loop over each (row, head).
+
+B = 2 rows, 3 KV heads, G = 2 query heads per KV head, with different contents per (row, head), so a
+transposed row/head or a wrong query-head -> KV-head map shows up. The uniform, ragged and one-query
+(decode) paths are each compared with the reference and with each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from obinfer.cache import attention
+from obinfer.cache.kv_cache import KVCache, LayerCache
+
+B, H, G, D = 2, 3, 2, 8  # rows, KV heads, query heads per KV head, head dim
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------- the reference
+def reference_attention(q: torch.Tensor, old: list, new: list) -> torch.Tensor:
+    """Slow float64 attention, one (row, query head, query) at a time.
+
+    Args:
+        q: (B, Hq, T, D) new queries.
+        old: old[i] = (k (L, D), v (L, D), pos (L,)) slots of segment i before this step.
+        new: new[i] = (k (T, D), v (T, D), pos (T,)) the T new tokens of segment i, in order.
+    Query t sees the valid old slots and new tokens 0..t that are valid, and always itself.
+    """
+    Bq, Hq, T, Dq = q.shape
+    Hkv = len(old) // Bq
+    out = torch.zeros(Bq, Hq, T, Dq, dtype=torch.float64)
+    for b in range(Bq):
+        for hq in range(Hq):
+            i = b * Hkv + hq // (Hq // Hkv)
+            for t in range(T):
+                keys, vals = [], []
+                for kk, vv, pp in zip(*old[i], strict=True):
+                    if pp >= 0:
+                        keys.append(kk), vals.append(vv)
+                for j in range(t + 1):
+                    if new[i][2][j] >= 0 or j == t:
+                        keys.append(new[i][0][j]), vals.append(new[i][1][j])
+                qd = q[b, hq, t].double()
+                logits = torch.stack([qd @ kk.double() for kk in keys]) / math.sqrt(Dq)
+                w = torch.softmax(logits, 0)
+                out[b, hq, t] = sum(wi * vv.double() for wi, vv in zip(w, vals, strict=True))
+    return out
+
+
+def segments(layer: LayerCache) -> list:
+    return [tuple(x.clone() for x in layer.segment(i)) for i in range(layer.n_segments)]
+
+
+def step(cache: KVCache, T: int, g: torch.Generator, n_pad: torch.Tensor | None = None) -> tuple:
+    """Append T random tokens and compare `attend` with the reference. Returns (q, reference)."""
+    layer = cache.layers[0]
+    old = segments(layer)
+    pos = cache.next_positions(T, n_pad)
+    k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    q = torch.randn(B, H * G, T, D, generator=g)
+    layer.append(k, v, pos)
+    new = [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)]
+    ref = reference_attention(q, old, new)
+    out = attention.attend(layer, q, T)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    return q, ref
+
+
+# ---------------------------------------------------------------- each layout vs the reference
+@pytest.mark.parametrize("pads", [False, True])
+def test_uniform_attention_matches_reference(pads):
+    g = torch.Generator().manual_seed(2)
+    cache = KVCache.empty(1, B, H, D)
+    step(cache, 6, g, torch.tensor([2, 0]) if pads else None)  # prefill: SDPA causal or masked
+    assert cache.layers[0].is_uniform()
+    step(cache, 1, g)  # decode: fast path without mask (or masked when pads are stored)
+    step(cache, 3, g)  # a block after a prefix: causal within the new block
+    assert cache.layers[0].is_uniform()
+
+
+@pytest.mark.parametrize("pads", [False, True])
+@pytest.mark.parametrize("T", [1, 4])
+def test_ragged_attention_matches_reference(T, pads):
+    g = torch.Generator().manual_seed(3 + T)
+    cache = KVCache.empty(1, B, H, D)
+    step(cache, 7, g, torch.tensor([3, 0]) if pads else None)
+    layer = cache.layers[0]
+    # different lengths per (row, head); row 0 keeps pad slots 0, 1 (head 0) and 2 (head 1) when padded
+    layer.keep([torch.tensor(s) for s in ([0, 1, 4, 6], [2, 5], [6], [0, 2, 3, 4, 5, 6], [1, 3], [5, 6])])
+    assert not layer.is_uniform() and layer.n_invalid == (3 if pads else 0)
+    step(cache, T, g)
+    step(cache, T, g)  # again, after the append grew the segments
+    assert not layer.is_uniform()
+
+
+# ---------------------------------------------------------------- the paths agree with each other
+@pytest.mark.parametrize("pads", [False, True])
+def test_uniform_and_ragged_paths_agree_on_a_uniform_layer(pads):
+    """The per-segment path is valid on any layout: on a uniform one it must equal the one-call path."""
+    g = torch.Generator().manual_seed(11)
+    cache = KVCache.empty(1, B, H, D)
+    layer = cache.layers[0]
+    for T, n_pad in [(6, torch.tensor([0, 2]) if pads else None), (1, None), (3, None), (1, None)]:
+        q, ref = step(cache, T, g, n_pad)  # prefill (causal or masked), decode, block, decode
+        assert layer.is_uniform()
+        uniform = attention._attend_uniform(layer, q, T)
+        ragged = attention._attend_ragged(layer, q, T)
+        torch.testing.assert_close(uniform, ragged, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ragged.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attend_picks_the_path_from_the_layout(monkeypatch):
+    """Decode fast path only for uniform + T = 1 + no pad slot; ragged layout -> per-segment path."""
+    calls = []
+    for name in ("_attend_uniform", "_attend_ragged", "_decode_attention"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    g = torch.Generator().manual_seed(12)
+
+    def run(cache: KVCache, T: int, n_pad: torch.Tensor | None = None) -> list[str]:
+        calls.clear()
+        step(cache, T, g, n_pad)
+        return list(calls)
+
+    plain, padded = KVCache.empty(1, B, H, D), KVCache.empty(1, B, H, D)
+    assert run(plain, 5) == ["_attend_uniform"]
+    assert run(plain, 1) == ["_attend_uniform", "_decode_attention"]
+    assert run(padded, 5, torch.tensor([1, 0])) == ["_attend_uniform"]
+    assert run(padded, 1) == ["_attend_uniform"]  # a stored pad slot: masked SDPA, not the fast path
+    plain.layers[0].keep([torch.arange(1 + i) for i in range(B * H)])
+    assert run(plain, 1) == ["_attend_ragged"]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_decode_path_equals_general_path(dtype, tol):
+    """`_decode_attention` (two matmuls, float32 softmax) == masked SDPA with an all-visible mask."""
+    g = torch.Generator().manual_seed(13)
+    S = 9
+    q = torch.randn(B, H * G, 1, D, generator=g).to(dtype)
+    k, v = torch.randn(B, H, S, D, generator=g).to(dtype), torch.randn(B, H, S, D, generator=g).to(dtype)
+    pos = torch.arange(S).expand(B, H, S)
+    mask = attention._visibility(pos, S, 1).repeat_interleave(G, dim=1)  # (B, Hq, 1, S), all True
+    assert mask.all()
+    general = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    fast = attention._decode_attention(q, k, v)
+    assert fast.dtype == dtype and fast.shape == q.shape
+    torch.testing.assert_close(fast.float(), general.float(), atol=tol, rtol=tol)
+    old = [(k[b, h, :-1], v[b, h, :-1], pos[b, h, :-1]) for b in range(B) for h in range(H)]
+    new = [(k[b, h, -1:], v[b, h, -1:], pos[b, h, -1:]) for b in range(B) for h in range(H)]
+    torch.testing.assert_close(fast.double(), reference_attention(q, old, new), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------- padding rows
+def test_a_padded_row_equals_the_row_alone():
+    """Left padding changes nothing for a row's real tokens, at prefill and while decoding, on both paths."""
+    g = torch.Generator().manual_seed(14)
+    n, n_pad = 5, 3
+    N = n + n_pad + 2  # enough tokens for row 1's prefill and for two decode steps
+    k, v = torch.randn(2, H, N, D, generator=g), torch.randn(2, H, N, D, generator=g)
+    q = torch.randn(2, H * G, N, D, generator=g)
+    pad = torch.zeros(1, H, n_pad, D)
+    batch = KVCache.empty(1, 2, H, D)  # row 0: 3 pads + n tokens; row 1: n + 3 tokens
+    alone = KVCache.empty(1, 1, H, D)  # row 0 without its padding
+    pos = batch.next_positions(n + n_pad, torch.tensor([n_pad, 0]))
+    kb = torch.cat([torch.cat([pad, k[:1, :, :n]], 2), k[1:, :, : n + n_pad]])
+    vb = torch.cat([torch.cat([pad, v[:1, :, :n]], 2), v[1:, :, : n + n_pad]])
+    qb = torch.cat([torch.cat([pad.repeat(1, G, 1, 1), q[:1, :, :n]], 2), q[1:, :, : n + n_pad]])
+    batch.layers[0].append(kb, vb, pos)
+    alone.layers[0].append(k[:1, :, :n], v[:1, :, :n], alone.next_positions(n))
+    got = attention.attend(batch.layers[0], qb, n + n_pad)[:1, :, n_pad:]
+    want = attention.attend(alone.layers[0], q[:1, :, :n], n)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for t in (n, n + 1):  # decode: uniform (masked, pads stored) then ragged after a keep
+        pb, pa = batch.next_positions(1), alone.next_positions(1)
+        batch.layers[0].append(k[:, :, t : t + 1], v[:, :, t : t + 1], pb)
+        alone.layers[0].append(k[:1, :, t : t + 1], v[:1, :, t : t + 1], pa)
+        got = attention.attend(batch.layers[0], q[:, :, t : t + 1], 1)[:1]
+        want = attention.attend(alone.layers[0], q[:1, :, t : t + 1], 1)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        if t == n:  # the same ragged eviction in both: odd heads drop the token just decoded
+            batch.layers[0].keep([torch.arange(n + n_pad + 1 - (i % 2)) for i in range(2 * H)])
+            alone.layers[0].keep([torch.arange(n + 1 - (i % 2)) for i in range(H)])
+            assert not batch.layers[0].is_uniform() and batch.layers[0].n_invalid == n_pad * H
+
+
+def test_a_pad_query_attends_to_itself_alone():
+    """A pad token's query sees only its own slot, so its output is its own value (finite, never NaN)."""
+    g = torch.Generator().manual_seed(15)
+    cache = KVCache.empty(1, B, H, D)
+    T = 4
+    pos = cache.next_positions(T, torch.tensor([T, 1]))  # row 0 is all padding, row 1 has one pad
+    k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    q = torch.randn(B, H * G, T, D, generator=g)
+    cache.layers[0].append(k, v, pos)
+    out = attention.attend(cache.layers[0], q, T)
+    torch.testing.assert_close(out[0], v[0].repeat_interleave(G, dim=0))
+    torch.testing.assert_close(out[1, :, 0], v[1, :, 0].repeat_interleave(G, dim=0))
+
+
+def test_visibility_mask():
+    """The docstring example: slot 0 is padding, slots 2 and 3 are the new tokens."""
+    mask = attention._visibility(torch.tensor([-1, 7, 8, 9]), 4, 2)
+    assert mask.tolist() == [[False, True, True, False], [False, True, True, True]]
+    pad_new = attention._visibility(torch.tensor([5, -1, -1]), 3, 2)  # new pad tokens still see themselves
+    assert pad_new.tolist() == [[True, True, False], [True, False, True]]
