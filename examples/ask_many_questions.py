@@ -20,6 +20,7 @@ from sample_document import DOCUMENT, QUESTIONS
 import obinfer
 from obinfer.cache.presses import make_press
 from obinfer.generate import stream
+from obinfer.prompts import build_prompt
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
@@ -36,29 +37,32 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
 
     model, tok = obinfer.load(args.model)  # a name, a directory or a hub id; default: the embedded model
     document = Path(args.context_file).read_text() if args.context_file else DOCUMENT
-    prefix, suffix = tok.chat_parts() if tok.has_chat_template else ("", "\n")
+    questions = args.question or QUESTIONS
+    # the one prompt builder: the document is prefilled (and compressed), each question comes after it
+    prompts = [build_prompt(tok, document, q) for q in questions]
 
     # 1. prefill the document once; the press compresses each layer during the forward pass
-    doc_ids = tok.encode(prefix + document)
-    press = make_press(args.press, compression_ratio=args.compression_ratio)  # None for "full"
+    doc_ids = prompts[0].prefill
+    press = make_press(args.press, compression_ratio=args.compression_ratio)  # FULL for "full"
     cache = model.new_cache()
     with torch.inference_mode():
-        observer = press.prefill_observer() if press is not None else None
+        observer = press.prefill_observer()  # None for FULL: nothing to compress
         model(torch.tensor([doc_ids]), cache, observer=observer, last_only=True)
     print(
         f"{len(doc_ids)} document tokens, {cache.n_tokens():,} cached (layer, head, token) slots ({args.press})"
     )
-    saved = cache.snapshot()  # (lengths per layer and head, position counter)
+    saved = cache.snapshot()  # lengths per layer and head, the position counter, a version
 
     # 2. ask each question against the same compressed cache
     answers = {}
-    for question in args.question or QUESTIONS:
-        q_ids = tok.encode("\n\n" + question + suffix, add_bos=False)
-        steps = stream(model, [q_ids], cache=cache, max_new_tokens=args.max_new_tokens, stop_ids=tok.stop_ids)
+    for question, prompt in zip(questions, prompts, strict=True):
+        steps = stream(
+            model, [prompt.after], cache=cache, max_new_tokens=args.max_new_tokens, stop_ids=tok.stop_ids
+        )
         out = [int(t[0]) for t in steps]
         answers[question] = tok.decode([t for t in out if t not in tok.stop_ids], skip_special=True).strip()
         print(f"Q: {question}\nA: {answers[question]}\n")
-        cache.truncate_to(*saved)  # forget this question and its answer
+        cache.truncate_to(saved)  # forget this question and its answer
     return answers
 
 

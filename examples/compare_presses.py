@@ -1,7 +1,8 @@
 """Compare which tokens two presses keep on one document, layer by layer (and draw it).
 
-One uncompressed prefill serves both presses: `obinfer.inspect.run_presses` hands each press its own
-copy of every layer's cache, so the kept sets are those of a real compressed run.
+One uncompressed prefill serves both presses: `obinfer.inspect.run_presses` (built on
+`obinfer.cache.fanout.Fanout`) lets each press compress its own fork of it, so the kept sets are those
+of a real compressed run.
 
     python examples/compare_presses.py --presses snapkv,snapkv-obk --out compare.png
 """

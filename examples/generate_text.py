@@ -9,6 +9,7 @@ import argparse
 
 import obinfer
 from obinfer.generate import GenStats, Sampling, generate
+from obinfer.prompts import build_prompt
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -21,10 +22,7 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
 
     model, tok = obinfer.load(args.model)  # a name, a directory or a hub id; default: the embedded model
-    if tok.has_chat_template:
-        ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        ids = tok.encode(args.prompt)
+    ids = build_prompt(tok, args.prompt).prefill  # in the chat template when the model has one
 
     stats, dec, out = GenStats(), tok.stream_decoder(skip_special=True), []
     sampling = Sampling(temperature=args.temperature, seed=args.seed)

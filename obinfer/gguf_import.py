@@ -1,8 +1,14 @@
 """Convert llama.cpp GGUF checkpoints into Hugging Face-layout checkpoint directories.
 
 Supports the ``llama`` and ``qwen2`` architectures with a byte-level BPE (``gpt2``) tokenizer. Every
-tensor is dequantized to float32 with ``gguf.quants.dequantize``; llama.cpp's per-head row permutation
-of ``q_proj``/``k_proj`` (applied to llama models only) is undone so that rotate-half RoPE is correct.
+tensor is dequantized to float32 with ``gguf.quants.dequantize`` (then written as float32, bfloat16 or
+float16, see :func:`convert_gguf`); llama.cpp's per-head row permutation of ``q_proj``/``k_proj``
+(applied to llama models only) is undone so that rotate-half RoPE is correct.
+
+Llama-3.1-style RoPE scaling: llama.cpp's converter stores it as a ``rope_freqs.weight`` tensor (head_dim/2
+float32 divisors of the RoPE frequencies) instead of the ``rope_scaling`` parameters. The import infers
+the ``llama3`` parameters that reproduce the tensor (:func:`infer_llama3_rope_scaling`) and writes them
+into ``config.json``; the tensor itself is not a weight of the checkpoint.
 
 The output directory holds ``config.json``, ``model.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json``, ``special_tokens_map.json`` and ``generation_config.json``. It is built in a
@@ -27,8 +33,9 @@ import numpy as np
 
 from obinfer.errors import ObinferError
 from obinfer.storage import OutputExistsError, atomic_dir, check_creatable
+from obinfer.tokenizer import LLAMA3_PATTERN
 
-__all__ = ["convert_gguf", "unpermute_rows", "GGUFImportError"]
+__all__ = ["convert_gguf", "unpermute_rows", "infer_llama3_rope_scaling", "GGUFImportError", "DTYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +73,16 @@ _QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_REGEX = LLAMA3_PATTERN  # llama.cpp's "llama-bpe" pre-tokenizer is Llama 3's split
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 _ROW_CHUNK = 4096  # rows dequantized at once
+# output dtype of convert_gguf -> (safetensors dtype code, bytes per element)
+DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+_ROPE_FREQS = "rope_freqs.weight"
+# llama3 RoPE scaling settings of the published models, tried first: (factor, low, high, original length)
+_PUBLISHED_LLAMA3 = ((8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192))  # Llama-3.1 / 3.3; Llama-3.2 1B, 3B
+_HIGH_FREQ_FACTORS = (4.0, 2.0, 8.0, 16.0, 32.0)  # high_freq_factor tried (low_freq_factor is 1)
+_ROPE_RTOL = 1e-5
 
 
 class GGUFImportError(ObinferError, ValueError):
@@ -86,6 +97,7 @@ class _TensorSpec:
     shape: tuple[int, ...]
     source: Any  # gguf.ReaderTensor
     unpermute_heads: int  # 0 = no q/k un-permutation, else the number of heads
+    dtype: str = "F32"  # safetensors dtype code it is written as (F32, BF16 or F16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,16 +190,19 @@ def _hf_name(gguf_name: str) -> str:
     raise GGUFImportError(f"unsupported GGUF tensor {gguf_name!r}{hint}")
 
 
-def _plan_tensors(reader: Any, config: dict[str, Any]) -> list[_TensorSpec]:
-    """List the output tensors, checking names and that every expected weight is present."""
+def _plan_tensors(reader: Any, config: dict[str, Any], code: str = "F32") -> list[_TensorSpec]:
+    """List the output tensors (written as dtype ``code``), checking names and that every expected weight
+    is present. ``rope_freqs.weight`` is not one of them (it becomes ``config["rope_scaling"]``)."""
     permuted = _ARCHITECTURES[config["model_type"]][2]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     specs = []
     for t in reader.tensors:
+        if t.name == _ROPE_FREQS:
+            continue
         kind = t.name.split(".")[-2]
         n = heads.get(kind, 0) if permuted else 0
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        specs.append(_TensorSpec(_hf_name(t.name), shape, t, n))
+        specs.append(_TensorSpec(_hf_name(t.name), shape, t, n, code))
     names = {s.hf_name for s in specs}
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     for i in range(config["num_hidden_layers"]):
@@ -195,6 +210,128 @@ def _plan_tensors(reader: Any, config: dict[str, Any]) -> list[_TensorSpec]:
     if missing := sorted(expected - names):
         raise GGUFImportError(f"GGUF file lacks {len(missing)} tensor(s), e.g. {missing[0]}")
     return specs
+
+
+def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Any:
+    """obinfer's RoPE inverse frequencies (a float32 tensor) for these parameters; None if invalid."""
+    from obinfer.config import ConfigError, ModelConfig
+    from obinfer.models.llama import rope_inv_freq
+
+    try:
+        cfg = ModelConfig(head_dim=head_dim, rope_theta=theta, rope_scaling=scaling)
+    except ConfigError:
+        return None
+    return rope_inv_freq(cfg)
+
+
+def _nice(v: float) -> float:
+    """``v`` with float32 noise removed: 4.0 for 3.9999998, 1.5 for 1.5000001."""
+    r = float(f"{v:.6g}")
+    return float(round(r)) if abs(r - round(r)) <= 1e-6 * abs(r) else r
+
+
+def _original_lengths(
+    wavelen: np.ndarray, r: np.ndarray, factor: float, high: float, tol: float = 1e-6
+) -> list[int]:
+    """``original_max_position_embeddings`` values that fit the divisors ``r`` with ``low_freq_factor``
+    1 and ``high_freq_factor`` ``high``: solved from the blend points if there are any, else chosen in
+    the gap between the two plateaus (8192 if it fits, else powers of two, else an integer)."""
+    ones, full = r <= 1 + tol, r >= factor * (1 - tol)
+    blend = ~ones & ~full
+    if blend.any():
+        s = (1 / r[blend] - 1 / factor) / (1 - 1 / factor)  # 0 on the slowed plateau, 1 unscaled
+        return [round(float(np.median(wavelen[blend] * (1 + s * (high - 1)))))]
+    lo_end = high * float(wavelen[ones].max()) if ones.any() else 0.0  # L / high above every unscaled one
+    hi_end = float(wavelen[full].min()) if full.any() else float("inf")  # L below every slowed one
+    fits = [L for L in [8192] + [2**k for k in range(1, 40)] if lo_end < L < hi_end]
+    if not fits and np.floor(lo_end) + 1 < hi_end:
+        fits = [int(np.floor(lo_end)) + 1]
+    return fits[:3]
+
+
+def _llama3_candidates(wavelen: np.ndarray, r: np.ndarray) -> list[dict[str, Any]]:
+    """llama3 ``rope_scaling`` settings to try for the divisors ``r``, most plausible first."""
+    out = [(f, lo, hi, L) for f, lo, hi, L in _PUBLISHED_LLAMA3]
+    factor = _nice(float(r.max()))  # the plateau of the slowest frequencies
+    if factor > 1:
+        highs = list(_HIGH_FREQ_FACTORS)
+        blend = (r > 1 + 1e-6) & (r < factor * (1 - 1e-6))
+        if blend.sum() >= 2:
+            # the blend position s = (L / wavelen - low) / (high - low) is linear in 1 / wavelen: a line
+            # through the blend points gives L / low and L / high; low = 1 as in every published config
+            s = (1 / r[blend] - 1 / factor) / (1 - 1 / factor)
+            slope, icpt = np.polyfit(1 / wavelen[blend], s, 1)
+            if icpt < 0 and slope > 0:
+                highs.insert(0, _nice(1 - 1 / icpt))
+        for hi in highs:
+            out += [(factor, 1.0, hi, L) for L in _original_lengths(wavelen, r, factor, hi)]
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    unique = list(dict.fromkeys(out))
+    return [{"rope_type": "llama3", **dict(zip(keys, c, strict=True))} for c in unique]
+
+
+def infer_llama3_rope_scaling(freq_factors: np.ndarray, head_dim: int, rope_theta: float) -> dict | None:
+    """The ``llama3`` ``rope_scaling`` whose frequencies reproduce llama.cpp's ``rope_freqs`` tensor.
+
+    llama.cpp divides the RoPE frequency i by ``freq_factors[i]``: 1 for short wavelengths, ``factor``
+    for wavelengths above ``original_max_position_embeddings / low_freq_factor``, a blend in between.
+    Only ``L / low_freq_factor`` and ``L / high_freq_factor`` shape the tensor, so ``low_freq_factor`` is
+    taken as 1, as in every published config. Tried in order: the published Llama-3.1 / 3.2 settings;
+    then ``factor`` = the top plateau with ``high_freq_factor`` fitted by a line through the blend points
+    (two or more), 4, or a few powers of two, and ``original_max_position_embeddings`` solved from the
+    blend points (or picked in the gap between the plateaus when there are none). A candidate is accepted
+    only if ``obinfer.models.llama.rope_inv_freq`` gives frequencies equal, within rtol 1e-5, to
+    llama.cpp's (unscaled frequency / factor).
+
+    Args:
+        freq_factors: the ``rope_freqs`` values, (head_dim / 2,).
+        head_dim: D; rope_theta: the RoPE base.
+
+    Returns:
+        The ``rope_scaling`` dict for ``config.json``, or None when every divisor is 1 (no scaling).
+
+    Raises:
+        GGUFImportError: a tensor of the wrong size, non-positive values, or one no setting reproduces.
+    """
+    import torch
+
+    r = np.asarray(freq_factors, dtype=np.float32).reshape(-1)
+    if r.size != head_dim // 2:
+        raise GGUFImportError(f"{_ROPE_FREQS} has {r.size} values; head_dim {head_dim} needs {head_dim // 2}")
+    if not np.isfinite(r).all() or (r <= 0).any():
+        raise GGUFImportError(f"{_ROPE_FREQS} holds non-positive or non-finite values")
+    base = _inv_freq(head_dim, rope_theta, None)
+    target = base / torch.from_numpy(r)  # llama.cpp's frequencies
+    if torch.allclose(base, target, rtol=_ROPE_RTOL, atol=0):
+        return None
+    wavelen = (2 * np.pi / base.double()).numpy()
+    r64 = r.astype(np.float64)
+    for cand in _llama3_candidates(wavelen, r64):
+        got = _inv_freq(head_dim, rope_theta, cand)
+        if got is not None and torch.allclose(got, target, rtol=_ROPE_RTOL, atol=0):
+            return cand
+    shown = ", ".join(f"{v:.6g}" for v in r[:8]) + (", ..." if r.size > 8 else "")
+    raise GGUFImportError(
+        f"{_ROPE_FREQS} ({shown}) matches no llama3 RoPE scaling (factor, low_freq_factor, "
+        f"high_freq_factor, original_max_position_embeddings) within rtol {_ROPE_RTOL}: cannot import it"
+    )
+
+
+def _rope_scaling(reader: Any, config: dict[str, Any]) -> dict[str, Any] | None:
+    """``config["rope_scaling"]`` from the GGUF's ``rope_freqs.weight`` (None without one)."""
+    import gguf
+
+    found = [t for t in reader.tensors if t.name == _ROPE_FREQS]
+    if not found:
+        return None
+    if config["model_type"] != "llama":
+        raise GGUFImportError(f"{_ROPE_FREQS} in a {config['model_type']} GGUF file is not supported")
+    t = found[0]
+    try:
+        values = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as exc:
+        raise GGUFImportError(f"tensor {t.name}: unsupported type {t.tensor_type.name}") from exc
+    return infer_llama3_rope_scaling(values, config["head_dim"], config["rope_theta"])
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -237,15 +374,34 @@ def _load_tensor(spec: _TensorSpec) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+_ITEMSIZE = {code: size for code, size in DTYPES.values()}
+
+
+def _encode(arr: np.ndarray, code: str, name: str) -> np.ndarray:
+    """The float32 array ``arr`` as little-endian ``code`` (F32, BF16, F16) values, rounded to nearest even
+    as torch's cast does. A value that overflows float16 is an error, not an infinity."""
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    if code == "F32":
+        return arr
+    import torch
+
+    out = torch.from_numpy(arr).to(torch.bfloat16 if code == "BF16" else torch.float16)
+    if code == "F16" and not torch.isfinite(out).all() and np.isfinite(arr).all():
+        big = float(np.abs(arr).max())
+        raise GGUFImportError(f"tensor {name}: {big:g} overflows float16; convert to bfloat16 or float32")
+    return out.view(torch.int16).numpy()
+
+
 def _write_safetensors(
     path: Path, specs: list[_TensorSpec], load: Callable[[_TensorSpec], np.ndarray]
 ) -> None:
-    """Stream float32 tensors into a safetensors file, holding only one tensor in memory at a time."""
+    """Stream tensors into a safetensors file, holding only one tensor in memory at a time. ``load`` gives
+    float32 arrays; each is written as its spec's dtype (F32, BF16 or F16)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for s in specs:
-        end = offset + 4 * int(np.prod(s.shape, dtype=np.int64))
-        header[s.hf_name] = {"dtype": "F32", "shape": list(s.shape), "data_offsets": [offset, end]}
+        end = offset + _ITEMSIZE[s.dtype] * int(np.prod(s.shape, dtype=np.int64))
+        header[s.hf_name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, end]}
         offset = end
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -253,10 +409,10 @@ def _write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for s in specs:
-            arr = np.ascontiguousarray(load(s), dtype="<f4")
+            arr = load(s)
             if arr.shape != s.shape:
                 raise GGUFImportError(f"tensor {s.hf_name}: got shape {arr.shape}, expected {s.shape}")
-            f.write(memoryview(arr).cast("B"))
+            f.write(memoryview(_encode(arr, s.dtype, s.hf_name)).cast("B"))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -407,27 +563,39 @@ def _generation_config(reader: Any, config: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a llama/qwen2 GGUF file into a float32 Hugging Face checkpoint directory.
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Convert a llama/qwen2 GGUF file into a Hugging Face checkpoint directory.
+
+    Every tensor is dequantized to float32, then written as ``dtype``: all of them, norms and biases
+    included (``config.json``'s ``torch_dtype`` says which). bfloat16 or float16 halve the file (a 0.5B
+    model: 1.2 GB instead of 2.5 GB) and round each weight once, to nearest even, exactly as casting
+    the float32 conversion with torch would; float16 refuses a weight beyond its range (65504).
 
     Args:
         gguf_path: path to the ``.gguf`` file.
         out_dir: directory to create; must not exist yet. Written atomically.
+        dtype: ``"float32"`` (default, exact), ``"bfloat16"`` or ``"float16"`` (a torch dtype works too).
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        GGUFImportError: missing/non-GGUF file, unsupported architecture, tokenizer or tensor, or an
-            existing ``out_dir``.
+        GGUFImportError: missing/non-GGUF file, unsupported architecture, tokenizer or tensor, a
+            ``rope_freqs`` tensor no llama3 RoPE scaling reproduces, an unknown dtype, or an existing
+            ``out_dir``.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise GGUFImportError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if out_dir.exists():
         raise OutputExistsError(f"output directory already exists: {out_dir}")
     check_creatable(out_dir)
     reader = _open_reader(gguf_path)
     config = _read_config(reader)
-    specs = _plan_tensors(reader, config)
+    config["rope_scaling"] = _rope_scaling(reader, config)
+    config["torch_dtype"] = dtype
+    specs = _plan_tensors(reader, config, DTYPES[dtype][0])
     names = {s.hf_name for s in specs}
     config["tie_word_embeddings"] = "lm_head.weight" not in names
     config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names

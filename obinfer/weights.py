@@ -1,8 +1,11 @@
 """Load a Hugging Face checkpoint directory (config.json + safetensors) into a `Transformer`.
 
-The model is built on the `meta` device (no memory), the safetensors tensors are read (memory-mapped)
-and cast once to the requested dtype/device, and `load_state_dict(..., assign=True)` adopts them:
-nothing is allocated twice. Pickled `.bin` checkpoints are refused.
+The model is built on the `meta` device (no memory), the safetensors tensors are read and
+`load_state_dict(..., assign=True)` adopts them: nothing is allocated twice. A tensor already stored in
+the requested dtype (on the CPU) is a zero-copy view of the memory-mapped file; any other (a float32 file
+loaded as bfloat16, or a load onto a GPU) is read with plain file reads, chunk by chunk, and cast into
+its final buffer, so the peak memory of a bfloat16 load is the bfloat16 model plus one chunk, not the
+float32 file as well. Pickled `.bin` checkpoints are refused.
 
 Order of the checks, so that a bad checkpoint fails fast and before any weight is read: the dtype and
 device, then config.json (every key, see `obinfer/config.py`), then the safetensors headers (a truncated
@@ -13,7 +16,9 @@ that are not floating point); only then are the tensors read.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +30,13 @@ from obinfer.models.llama import Transformer, rope_inv_freq
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # safetensors dtype codes obinfer casts to the model dtype (weights must be floating point)
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# safetensors dtype code -> torch dtype, for the tensors read by chunks (others go through safe_open)
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_CHUNK_BYTES = 32 << 20  # bytes read (then cast) at once by a converting load
 
 
 class CheckpointError(ObinferError, ValueError):
@@ -80,24 +92,87 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...
     return out
 
 
+def _data_offsets(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype code, shape, first byte, end byte) in the file, from the safetensors header."""
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n).decode("utf-8"))
+    header.pop("__metadata__", None)
+    return {
+        name: (e["dtype"], tuple(e["shape"]), 8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1])
+        for name, e in header.items()
+    }
+
+
+def _read_cast(
+    fh: BinaryIO,
+    begin: int,
+    end: int,
+    src: torch.dtype,
+    shape: tuple[int, ...],
+    out_dtype: torch.dtype,
+    device: str | torch.device,
+    buf: torch.Tensor,
+) -> torch.Tensor:
+    """Read the bytes [begin, end) of `fh` (a tensor stored as `src`) by chunks of `buf` into a new
+    tensor of `out_dtype` on `device`: the memory held is the result plus `buf`."""
+    out = torch.empty(shape, dtype=out_dtype, device=device)
+    flat = out.view(-1)
+    size = torch.empty((), dtype=src).element_size()
+    if (end - begin) != flat.numel() * size:
+        raise ValueError(f"{end - begin} bytes for {flat.numel()} elements of {src}")
+    per = len(buf) // size
+    fh.seek(begin)
+    for i in range(0, flat.numel(), per):
+        k = min(per, flat.numel() - i)
+        chunk = buf[: k * size]
+        view, got = memoryview(chunk.numpy()), 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError(f"the file ends {len(view) - got} bytes early")
+            got += n
+        flat[i : i + k].copy_(chunk.view(src))
+    return out
+
+
 def read_state_dict(
     files: list[Path],
     dtype: torch.dtype,
     device: str | torch.device,
     only: set[str] | frozenset[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the shards (those named in `only`, or all), floating ones cast to dtype on device."""
+    """The tensors of the shards (those named in `only`, or all), floating ones cast to dtype on device.
+
+    A tensor that needs no cast and goes to the CPU is a zero-copy view of the memory-mapped file. Any
+    other is read by chunks (`_CHUNK_BYTES`) with plain file reads and cast into its final buffer, one
+    tensor after the other: the memory held is the result plus one chunk, never the source file as well
+    (pages of a mapped file count in the resident memory until it is unmapped).
+    """
     state: dict[str, torch.Tensor] = {}
+    on_cpu = torch.device(device).type == "cpu"
+    buf: torch.Tensor | None = None
     for f in files:
         name = None
         try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    if only is not None and name not in only:
+            layout = _data_offsets(f)
+            names = [n for n in layout if only is None or n in only]
+            with open(f, "rb", buffering=0) as fh, safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in names:
+                    code, shape, begin, end = layout[name]
+                    src = _TORCH_DTYPES.get(code)
+                    if src is None:  # a dtype obinfer never casts: let safetensors read it
+                        t = sf.get_tensor(name)
+                        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                         continue
-                    t = sf.get_tensor(name)
-                    state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
+                    target = dtype if src.is_floating_point else src
+                    if target == src and on_cpu:
+                        state[name] = sf.get_tensor(name)  # zero copy: a view of the mapped file
+                        continue
+                    if buf is None:
+                        buf = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+                    state[name] = _read_cast(fh, begin, end, src, shape, target, device, buf)
+        except (SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError, struct.error) as e:
             what = f"tensor {name} of {f}" if name is not None else str(f)
             raise CheckpointError(f"cannot load {what} as {dtype} on {device}: {e}") from None
     return state

@@ -9,7 +9,7 @@ import random
 import matplotlib.image as mpimg
 import pytest
 
-from obinfer.eval import report
+from obinfer.eval import report, results
 from obinfer.eval.metrics import paired_bootstrap_ci
 
 # (press, ratio) -> per-sample scores of niah_single_1 #0, #1 and vt #0
@@ -51,8 +51,9 @@ def _write(path, rows) -> None:
 
 
 def test_split_and_order_press_names():
-    assert report.split_press("adakv-snapkv-obk") == ("adakv-snapkv", "obk")
-    assert report.split_press("h2o") == ("h2o", "attn")
+    split = lambda name: (results.press_name(name).family, results.press_name(name).score)
+    assert split("adakv-snapkv-obk") == ("adakv-snapkv", "obk")
+    assert split("h2o") == ("h2o", "attn")
     names = [
         "snapkv-obkv",
         "adakv-snapkv",
@@ -78,22 +79,22 @@ def test_split_and_order_press_names():
 def test_table_numbers_from_hand_made_results(tmp_path):
     path = tmp_path / "results.jsonl"
     _write(path, _rows())
-    grid = report.accuracy_grid(report.read_results(tmp_path))[("agnostic", 1000)]
+    grid = report.accuracy_grid(results.read_results(tmp_path))[("agnostic", 1000)]
     # mean over tasks of the task means: niah (a + b) / 2 and vt c, then x100
     for (press, ratio), (a, b, c) in SCORES.items():
         acc, n = grid[press][ratio]
         assert n == 3
         assert acc == pytest.approx(100 * ((a + b) / 2 + c) / 2)
-    text = report.accuracy_tables(report.read_results(path))
+    text = report.accuracy_tables(results.read_results(path))
     lines = {
         line.split()[0]: line for line in text.splitlines() if line and line.split()[0] in ("full", "snapkv")
     }
     assert lines["full"].split()[1:] == ["75.0", "(3)", "-", "-"]
     assert lines["snapkv"].split()[1:] == ["-", "25.0", "(3)", "20.0", "(3)"]
-    per_task = report.accuracy_grid(report.read_results(path), per_task=True)
+    per_task = report.accuracy_grid(results.read_results(path), per_task=True)
     assert per_task[("agnostic", 1000, "vt")]["snapkv-obk"][0.5] == (pytest.approx(60.0), 1)
     assert per_task[("agnostic", 1000, "niah_single_1")]["snapkv-obk"][0.5] == (50.0, 2)
-    assert "-- vt: mode agnostic" in report.accuracy_tables(report.read_results(path), per_task=True)
+    assert "-- vt: mode agnostic" in report.accuracy_tables(results.read_results(path), per_task=True)
 
 
 def test_read_results_skips_a_torn_line(tmp_path):
@@ -101,10 +102,10 @@ def test_read_results_skips_a_torn_line(tmp_path):
     _write(path, _rows()[:4])
     with path.open("a") as fh:
         fh.write('{"task": "vt", "sco')
-    rows, bad = report.read_results(path, with_errors=True)
+    rows, bad = results.read_results(path, with_errors=True)
     assert len(rows) == 4 and bad == 1
     with pytest.raises(FileNotFoundError, match="no results"):
-        report.read_results(tmp_path / "missing")
+        results.read_results(tmp_path / "missing")
 
 
 def test_variant_vs_baseline_paired_bootstrap():
@@ -232,7 +233,7 @@ def test_report_warns_about_skipped_lines_and_strict_refuses(tmp_path, capsys):
     from obinfer import cli
 
     path, n_good = _damaged(tmp_path)
-    scan = report.scan_results(path)
+    scan = results.scan_results(path)
     assert len(scan.rows) == n_good
     assert [(b.line, b.reason) for b in scan.bad] == [
         (3, "not valid JSON"),
@@ -248,9 +249,9 @@ def test_report_warns_about_skipped_lines_and_strict_refuses(tmp_path, capsys):
     assert "--strict" in warning
     assert cli.main(["report", str(path.parent), "--no-plots", "--strict"]) == 2
     _one_line_error(capsys, f"{path}:3: not valid JSON", "3 unreadable lines")
-    with pytest.raises(report.ReportError, match=":3: not valid JSON"):
-        report.read_results(path, strict=True)
-    rows, bad = report.read_results(path, with_errors=True)
+    with pytest.raises(results.ResultsError, match=":3: not valid JSON"):
+        results.read_results(path, strict=True)
+    rows, bad = results.read_results(path, with_errors=True)
     assert (len(rows), bad) == (n_good, 3)
 
 

@@ -12,9 +12,10 @@ import torch
 
 from obinfer.cache.fanout import Fanout
 from obinfer.cache.presses import make_press
-from obinfer.eval import runner
+from obinfer.eval import protocol, results, runner, samples
 from obinfer.eval.metrics import score_row
-from obinfer.eval.runner import EvalConfig, prompt_ids, result_key, run_eval
+from obinfer.eval.results import result_key
+from obinfer.eval.runner import EvalConfig, run_eval
 from obinfer.generate import generate
 from obinfer.weights import load_model
 
@@ -79,6 +80,11 @@ def _rows(n: int = 2) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_model(tiny_llama_dir):
     return load_model(tiny_llama_dir)
+
+
+def prompt_ids(tok, row: dict, mode: str, chat: bool) -> tuple[list[int], list[int]]:
+    p = protocol.sample_prompt(tok, row, mode, chat)
+    return p.prefill, p.after
 
 
 PRESSES = ["full", "snapkv", "adakv-snapkv-obk", "h2o", "tova-obv"]
@@ -457,7 +463,7 @@ def test_append_failure_cuts_the_partial_line_back(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", half_then_full)
     try:
         with pytest.raises(OSError, match="No space left") as err:
-            runner._append_line(fd, b'{"b": 2, "c": 3}\n', path)
+            results.append_line(fd, b'{"b": 2, "c": 3}\n', path)
     finally:
         os.close(fd)
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
@@ -491,14 +497,14 @@ def test_cli_out_of_range_options(cli_eval, capsys, args, needle):
 def test_library_range_checks(tmp_path):
     count = lambda text: len(text.split())
     with pytest.raises(runner.EvalError, match="samples must be >= 1"):
-        runner.load_or_make_samples(tmp_path, "vt", 2048, 0, 42, count)
+        samples.load_or_make_samples(tmp_path, "vt", 2048, 0, 42, count)
     with pytest.raises(runner.EvalError, match="unknown RULER task"):
-        runner.load_or_make_samples(tmp_path, "nope", 2048, 1, 42, count)
+        samples.load_or_make_samples(tmp_path, "nope", 2048, 1, 42, count)
     with pytest.raises(runner.EvalError, match="too small for vt"):
-        runner.load_or_make_samples(tmp_path, "vt", 10, 1, 42, count)
+        samples.load_or_make_samples(tmp_path, "vt", 10, 1, 42, count)
     with pytest.raises(runner.EvalError, match="does not fit the model"):
-        runner.check_length("vt", 1000, 30, limit=512)
-    runner.check_length("niah_single_1", 560, 128, limit=512, max_new_tokens=3)  # 432 + 3 fits
+        protocol.check_length("vt", 1000, 30, limit=512)
+    protocol.check_length("niah_single_1", 560, 128, limit=512, max_new_tokens=3)  # 432 + 3 fits
     assert not list(tmp_path.iterdir())
 
 
@@ -537,3 +543,105 @@ def test_atomic_writes(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert fresh.read_bytes() == b"\x00" and (fresh.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_runs_without_tqdm(tiny_model, tmp_path, monkeypatch, caplog):
+    """tqdm is optional (the eval extra): without it, progress is a plain logged line."""
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
+    cfg = EvalConfig(["full", "snapkv"], [0.5])
+    with caplog.at_level(logging.INFO, logger="obinfer.eval.runner"):
+        rows = run_eval(tiny_model, ByteTokenizer(), _rows(1), cfg, tmp_path, progress=True)
+    assert len(rows) == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "obinfer.eval.runner"]
+    assert lines == [f"eval: {i}/2 answers (niah_single_1 #0 agnostic)" for i in (1, 2)]
+
+
+# ------------------------------------------------------------------ results.py
+def _result_rows(n: int = 3) -> list[dict]:
+    return [
+        {
+            "task": "vt",
+            "length": 1000,
+            "index": i,
+            "press": "adakv-snapkv-obk",
+            "ratio": 0.5,
+            "mode": "agnostic",
+            "score": 1.0,
+            "pred": "é",
+        }
+        for i in range(n)
+    ]
+
+
+def test_decode_json_names_the_problem():
+    assert results.decode_json(b'{"a": 1}') == ({"a": 1}, None)
+    assert results.decode_json(b"\xff{}") == (None, "not UTF-8")
+    assert results.decode_json(b'{"a": ') == (None, "not valid JSON")
+    assert results.decode_json(b"[" * 100_000) == (None, "not valid JSON")  # too deep to parse
+
+
+def test_result_keys_and_press_names():
+    row = _result_rows(1)[0] | {"length": "1000", "ratio": 0.5000000001}
+    assert result_key(row) == ("vt", 1000, 0, "adakv-snapkv-obk", 0.5, "agnostic")
+    assert results.row_problem(row) is None
+    assert results.row_problem(row | {"press": "my_policy-my_score"}) is None  # the shape, not the registry
+    assert results.row_problem(row | {"press": "snapkv-obk-x-y"}) == "'snapkv-obk-x-y' is not a press name"
+    assert results.press_name("adakv-snapkv-obk") is results.press_name("adakv-snapkv-obk")  # parsed once
+    assert results.press_name("adakv-snapkv-obk").family == "adakv-snapkv"
+
+
+def test_appender_writes_whole_lines_and_resume_repairs_a_torn_end(tmp_path):
+    path = tmp_path / "results.jsonl"
+    rows = _result_rows()
+    with results.appender(path) as append:
+        for r in rows:
+            append(r)
+    data = path.read_bytes()
+    assert data.count(b"\n") == 3 and "é".encode() in data  # one UTF-8 line per row
+    assert results.read_results(path) == rows
+    keys = {result_key(r) for r in rows}
+    assert results.open_for_resume(path, resume=True) == keys
+    with pytest.raises(results.ResultsError, match="--resume"):
+        results.open_for_resume(path, resume=False)
+    path.write_bytes(data + data[:20])  # a torn last line: dropped, atomically
+    assert results.scan_for_resume(path) == (rows, data)
+    assert results.open_for_resume(path, resume=True) == keys and path.read_bytes() == data
+    path.write_bytes(data[:-1])  # a whole last row without its newline: kept, newline added
+    assert results.open_for_resume(path, resume=True) == keys and path.read_bytes() == data
+    lines = data.splitlines(keepends=True)
+    path.write_bytes(lines[0] + b"{oops\n" + lines[2])
+    with pytest.raises(
+        results.ResultsError, match=r"jsonl:2: not valid JSON \(a damaged line before the last"
+    ):
+        results.open_for_resume(path, resume=True)
+    with pytest.raises(results.ResultsError, match=r"jsonl:2: not valid JSON; fix or delete"):
+        results.read_results(path, strict=True)
+    assert results.read_results(path, with_errors=True) == ([rows[0], rows[2]], 1)
+    _no_temp_files(tmp_path)
+
+
+def test_output_dir_names_a_file_in_the_way(tmp_path):
+    assert results.output_dir(tmp_path / "a" / "b", "(x)").is_dir()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(results.ResultsError, match=r"f is a file, not a directory \(the sample cache\)"):
+        results.output_dir(tmp_path / "f", "(the sample cache)")
+
+
+def test_run_info_is_recorded_and_checked_on_resume(tmp_path):
+    out, info = tmp_path / "out", {"model": "tiny", "dtype": "float32", "seed": 42, "chat": True}
+    results.check_run_info(out, info, resume=False)
+    assert results.read_run_info(out / results.RUN_FILE) == info
+    results.check_run_info(out, info | {"note": 1}, resume=True)  # only RUN_KEYS must match
+    with pytest.raises(
+        results.ResultsError, match=r"different settings \(seed: 42 -> 7, chat: True -> False\)"
+    ):
+        results.check_run_info(out, info | {"seed": 7, "chat": False}, resume=True)
+    results.check_run_info(out, info | {"seed": 7}, resume=False)  # a fresh run records its own
+    assert results.read_run_info(out / results.RUN_FILE)["seed"] == 7
+    (out / results.RUN_FILE).write_text("[1]")
+    with pytest.raises(results.ResultsError, match="not a JSON object"):
+        results.check_run_info(out, info, resume=True)

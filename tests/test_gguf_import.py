@@ -3,13 +3,16 @@
 A tiny GGUF is written with ``gguf.GGUFWriter`` from known Hugging Face-layout weights (q/k rows permuted
 the way llama.cpp's converter does it, some tensors quantized to Q8_0 or stored as F16), converted, and
 compared with the weights it was built from. References: the original weights, an explicit-loop
-permutation, tiktoken (for the byte-level BPE), transformers (loading). The real embedded model is
+permutation, tiktoken (for the byte-level BPE), transformers (loading, and logits with Llama-3.1 RoPE
+scaling imported from a ``rope_freqs`` tensor written the way llama.cpp's converter writes it), torch's
+casts (bfloat16 / float16 conversions). The real embedded model is
 checked against llama.cpp and transformers' GGUF loader in test_gguf_reference.py.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -18,6 +21,7 @@ import pytest
 import tiktoken
 import torch
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
 from tokenizers import Tokenizer
 
 from obinfer import gguf_import
@@ -126,8 +130,11 @@ def expected_after_storage(w: np.ndarray, kind: str) -> np.ndarray:
     return w
 
 
-def write_tiny_gguf(path: Path, weights: dict[str, np.ndarray], arch: str = "llama") -> Path:
-    """Write the tiny model as llama.cpp would: q/k rows permuted for llama, chosen storage types."""
+def write_tiny_gguf(
+    path: Path, weights: dict[str, np.ndarray], arch: str = "llama", rope_freqs: np.ndarray | None = None
+) -> Path:
+    """Write the tiny model as llama.cpp would: q/k rows permuted for llama, chosen storage types, and
+    a ``rope_freqs.weight`` tensor if given (Llama-3.1-style RoPE scaling)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(N_LAYERS)
     w.add_context_length(CTX)
@@ -158,6 +165,8 @@ def write_tiny_gguf(path: Path, weights: dict[str, np.ndarray], arch: str = "lla
             w.add_tensor(gguf_name(hf), gguf.quants.quantize(arr, Q8_0), raw_dtype=Q8_0)
         else:
             w.add_tensor(gguf_name(hf), arr.astype(np.float16 if kind == "F16" else np.float32))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -250,6 +259,188 @@ def test_transformers_loads_checkpoint_without_missing_keys(tiny, key: str) -> N
         assert torch.equal(params["lm_head.weight"], params["model.embed_tokens.weight"])
     rope = getattr(model.config, "rope_parameters", None) or {}
     assert rope.get("rope_theta", getattr(model.config, "rope_theta", None)) == 50000.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output dtype
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("key", ["llama", "qwen2"])
+def test_half_conversion_equals_float32_conversion_cast(tiny, tmp_path: Path, key: str, dtype: str) -> None:
+    ref_dir, weights = tiny[key]
+    src = write_tiny_gguf(tmp_path / "m.gguf", weights, key)
+    out = convert_gguf(src, tmp_path / "out", dtype=dtype)
+    got, ref = load_torch(out / "model.safetensors"), load_torch(ref_dir / "model.safetensors")
+    assert set(got) == set(ref)
+    for name, t in ref.items():  # every tensor, norms and biases included
+        assert got[name].dtype == getattr(torch, dtype), name
+        assert torch.equal(got[name], t.to(getattr(torch, dtype))), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == dtype
+    assert cfg == {**json.loads((ref_dir / "config.json").read_text()), "torch_dtype": dtype}
+    size, ref_size = (d.joinpath("model.safetensors").stat().st_size for d in (out, ref_dir))
+    assert size < 0.55 * ref_size
+
+
+def test_convert_gguf_cli_dtype(tiny, tmp_path: Path, capsys) -> None:
+    from obinfer.cli import main
+
+    _, weights = tiny["llama"]
+    src = write_tiny_gguf(tmp_path / "m.gguf", weights)
+    assert main(["convert-gguf", str(src), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    got = load_torch(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+
+
+def test_bad_dtype_and_float16_overflow_are_refused(tmp_path: Path) -> None:
+    weights = hf_weights("llama", tied=True)
+    src = write_tiny_gguf(tmp_path / "m.gguf", weights)
+    with pytest.raises(GGUFImportError, match="unknown dtype 'int8'"):
+        convert_gguf(src, tmp_path / "o1", dtype="int8")
+    weights["model.norm.weight"][3] = 1e5  # stored as F32: fine in float32 and bfloat16
+    big = write_tiny_gguf(tmp_path / "big.gguf", weights)
+    with pytest.raises(GGUFImportError, match=r"model.norm.weight: 100000 overflows float16"):
+        convert_gguf(big, tmp_path / "o2", dtype="float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.gguf", "m.gguf"]
+    convert_gguf(big, tmp_path / "o3", dtype=torch.bfloat16)  # a torch dtype works too
+    assert load_torch(tmp_path / "o3" / "model.safetensors")["model.norm.weight"][3] == 99840.0  # bf16(1e5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Llama-3.1 RoPE scaling (rope_freqs)
+# ----------------------------------------------------------------------------------------------------
+
+THETA = 50000.0  # write_tiny_gguf's rope base: wavelengths 6, 24, 94, 364, 1405, 5437, 21038, 81409
+ROPE_CASES = {
+    # published Llama-3.1 setting: 5 unscaled frequencies, 1 blended, 2 slowed down
+    "llama3.1": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192},
+    # a short original context: 2 unscaled, 1 blended, 5 slowed (original length solved from the blend)
+    "short": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 256},
+    # a wide blend band: 2 unscaled, 3 blended, 3 slowed (high_freq_factor solved from the blend points)
+    "wide": {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 32.0,
+             "original_max_position_embeddings": 2048},
+}  # fmt: skip
+
+
+def llama_cpp_rope_factors(rope: dict, head_dim: int = HEAD_DIM, base: float = THETA) -> np.ndarray:
+    """``rope_freqs.weight`` as llama.cpp's convert_hf_to_gguf.py (LlamaModel) computes it."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / lo, old_len / hi
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - lo) / (hi - lo)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32).numpy()
+
+
+@pytest.fixture(scope="module")
+def rope_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rope")
+    weights = hf_weights("llama", tied=False, seed=3)
+    return {
+        key: convert_gguf(
+            write_tiny_gguf(root / f"{key}.gguf", weights, rope_freqs=llama_cpp_rope_factors(rope)),
+            root / key,
+        )
+        for key, rope in ROPE_CASES.items()
+    }
+
+
+@pytest.mark.parametrize("key", list(ROPE_CASES))
+def test_rope_freqs_become_the_known_llama3_config(rope_tiny, key: str) -> None:
+    r = llama_cpp_rope_factors(ROPE_CASES[key])
+    factor = ROPE_CASES[key]["factor"]
+    assert (r == 1).any() and (r == factor).any() and ((r > 1) & (r < factor)).any()  # every band
+    cfg = json.loads((rope_tiny[key] / "config.json").read_text())
+    assert cfg["rope_scaling"] == {"rope_type": "llama3", **ROPE_CASES[key]}
+    assert not any("rope" in name for name in load_file(rope_tiny[key] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("key", ["short", "wide"])
+@torch.no_grad()
+def test_rope_freqs_logits_match_transformers(rope_tiny, key: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    from obinfer.config import ModelConfig
+    from obinfer.models.llama import rope_inv_freq
+    from obinfer.weights import load_model
+
+    ids = torch.randint(3, len(tiny_vocab()), (1, 160), generator=torch.Generator().manual_seed(0))
+    ref = LlamaForCausalLM.from_pretrained(rope_tiny[key], dtype=torch.float32).eval()(ids).logits
+    model = load_model(rope_tiny[key])
+    out = model(ids, model.new_cache())
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    base = rope_inv_freq(ModelConfig(head_dim=HEAD_DIM, rope_theta=THETA))
+    expected = base / torch.from_numpy(llama_cpp_rope_factors(ROPE_CASES[key]))  # llama.cpp's frequencies
+    torch.testing.assert_close(model.inv_freq, expected, rtol=1e-5, atol=0)
+    model.inv_freq = base  # guard: without the scaling the logits really differ
+    assert (model(ids, model.new_cache()) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "factors, arch, match",
+    [
+        ([1, 5, 1, 8, 1, 8, 8, 8], "llama", "matches no llama3 RoPE scaling"),  # not monotonic
+        ([1, 1, 1, 1, 2, 3, 2, 8], "llama", "matches no llama3 RoPE scaling"),  # blend not a llama3 curve
+        ([1, 1, 1, 1, 1, 1.5, 8, 8.5], "llama", "matches no llama3 RoPE scaling"),  # two slowed plateaus
+        ([1, 1, 1, 8], "llama", r"has 4 values; head_dim 16 needs 8"),
+        ([1, 1, 1, 1, 1, 0, 8, 8], "llama", "non-positive"),
+        (list(llama_cpp_rope_factors(ROPE_CASES["short"])), "qwen2", "in a qwen2 GGUF file is not supported"),
+    ],
+)
+def test_unexplained_rope_freqs_are_refused(tmp_path: Path, factors, arch: str, match: str) -> None:
+    weights = hf_weights(arch, tied=True)
+    src = write_tiny_gguf(tmp_path / "m.gguf", weights, arch, rope_freqs=np.array(factors, np.float32))
+    with pytest.raises(GGUFImportError, match=match):
+        convert_gguf(src, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_rope_freqs_of_ones_is_no_scaling() -> None:
+    assert gguf_import.infer_llama3_rope_scaling(np.ones(8, np.float32), HEAD_DIM, THETA) is None
+
+
+@pytest.mark.parametrize(
+    "head_dim, theta, rope",
+    [
+        (128, 500000.0, (8.0, 1.0, 4.0, 8192)),  # Llama-3.1 8B / 70B / 405B, Llama-3.3
+        (64, 500000.0, (32.0, 1.0, 4.0, 8192)),  # Llama-3.2 1B
+        (128, 500000.0, (32.0, 1.0, 4.0, 8192)),  # Llama-3.2 3B
+        (64, 10000.0, (4.0, 1.0, 8.0, 1000)),
+        (32, 1e6, (6.0, 1.0, 3.0, 3000)),
+        (64, 10000.0, (2.5, 1.0, 4.0, 333)),
+    ],
+)
+def test_infer_llama3_rope_scaling_recovers_the_setting(head_dim: int, theta: float, rope: tuple) -> None:
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    known = dict(zip(keys, rope, strict=True))
+    got = gguf_import.infer_llama3_rope_scaling(
+        llama_cpp_rope_factors(known, head_dim, theta), head_dim, theta
+    )
+    assert got == {"rope_type": "llama3", **known}
+
+
+def test_infer_llama3_rope_scaling_normalises_low_freq_factor_to_one() -> None:
+    """Only original / low and original / high shape the tensor: (lo 2, hi 8, 512) is (1, 4, 256)."""
+    r = llama_cpp_rope_factors({"factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+                                "original_max_position_embeddings": 512})  # fmt: skip
+    assert gguf_import.infer_llama3_rope_scaling(r, HEAD_DIM, THETA) == {
+        "rope_type": "llama3",
+        **ROPE_CASES["short"],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------

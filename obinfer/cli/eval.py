@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,10 +16,8 @@ from typing import Any
 
 from obinfer.cli.common import add_model_args, load
 from obinfer.errors import UserError
-from obinfer.storage import atomic_write_text
 
 DEFAULT_PRESSES = "full,snapkv,snapkv-obk"
-RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
 
 
 def _split(text: str, what: str) -> list[str]:
@@ -56,86 +53,35 @@ def _tasks(text: str) -> list[str]:
     return tasks
 
 
-def _read_run(path: Path) -> dict[str, Any]:
-    """The settings recorded in OUT/run.json; UserError naming the file if it cannot be read."""
-    try:
-        old = json.loads(path.read_bytes().decode("utf-8"))
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory, not the run settings file (remove it)") from None
-    except UnicodeDecodeError:
-        why = "not UTF-8"
-    except json.JSONDecodeError:
-        why = "not valid JSON"
-    else:
-        if isinstance(old, dict):
-            return old
-        why = "not a JSON object"
-    raise UserError(
-        f"{path} is unreadable ({why}): delete it to resume without checking the model and settings "
-        "(it is then rewritten), or use another --out"
-    )
-
-
-def _check_run(out: Path, info: dict[str, Any], resume: bool) -> None:
-    """Refuse to resume a directory produced with another model, dtype, seed or chat setting."""
-    path = out / RUN_FILE
-    if resume and path.exists():
-        old = _read_run(path)
-        diff = [k for k in ("model", "dtype", "seed", "chat") if old.get(k) != info.get(k)]
-        if diff:
-            what = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in diff)
-            raise UserError(f"--resume on {out} with different settings ({what}); use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
-    _eval(args)
-
-
-def _samples(
-    args: argparse.Namespace, out: Path, tasks: list[str], lengths: list[int], tok: Any
-) -> list[dict]:
-    from obinfer.eval.runner import count_tokens_fn, load_or_make_samples
-
-    count, samples = count_tokens_fn(tok), []
-    for length in lengths:
-        for task in tasks:
-            samples += load_or_make_samples(
-                out, task, length, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
-            )
-    return samples
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from obinfer.eval.runner import EvalConfig, check_length, check_out_dir, run_eval
-    from obinfer.eval.tasks import TASKS
+    from obinfer.eval.protocol import count_tokens_fn
+    from obinfer.eval.results import RESULTS_FILE, check_out_dir, check_run_info
+    from obinfer.eval.runner import EvalConfig, run_eval
+    from obinfer.eval.samples import check_lengths, load_samples
 
     modes = ["aware"] if args.query_aware else _split(args.modes, "modes")
     tasks, lengths = _tasks(args.tasks), _ints(args.length, "length")
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
-    for task in tasks:  # too small for a task: before the model is loaded
-        for length in lengths:
-            check_length(task, length, TASKS[task].max_new_tokens)
+    check_lengths(tasks, lengths)  # too small for a task: before the model is loaded
     presses, ratios = _split(args.presses, "presses"), _floats(args.ratios, "ratios")
     cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill)  # validates
     out = Path(args.out)
     check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
     model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
-    limit = model.cfg.max_position_embeddings
-    for task in tasks:  # too large for the model: before any sample is generated
-        for length in lengths:
-            check_length(task, length, TASKS[task].max_new_tokens, limit, args.max_new_tokens)
+    # too large for the model: before any sample is generated
+    check_lengths(tasks, lengths, model.cfg.max_position_embeddings, args.max_new_tokens)
     cfg.model_name = Path(model_dir).name
     chat = tok.has_chat_template if args.chat is None else args.chat
-    _check_run(
-        out, {"model": cfg.model_name, "dtype": args.dtype, "seed": args.seed, "chat": chat}, args.resume
+    info = {"model": cfg.model_name, "dtype": args.dtype, "seed": args.seed, "chat": chat}
+    check_run_info(out, info, args.resume)
+    count = count_tokens_fn(tok)
+    samples = load_samples(
+        out, tasks, lengths, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
     )
-    samples = _samples(args, out, tasks, lengths, tok)
     t0 = time.perf_counter()
     rows = run_eval(model, tok, samples, cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(f"{len(rows)} results in {out / 'results.jsonl'} ({time.perf_counter() - t0:.1f} s this run)")
+    print(f"{len(rows)} results in {out / RESULTS_FILE} ({time.perf_counter() - t0:.1f} s this run)")
     print(f"tables and plots: obinfer report {out}")
 
 

@@ -26,6 +26,13 @@ def add_commands(sub: Any) -> None:
     )
     c.add_argument("gguf", help="input .gguf file")
     c.add_argument("out_dir", help="output checkpoint directory (written atomically)")
+    c.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of every written tensor, norms and biases included (default float32, exact; "
+        "bfloat16 / float16 halve the file)",
+    )
     c.set_defaults(func=cmd_convert_gguf)
 
 
@@ -34,11 +41,13 @@ def cmd_models(args: argparse.Namespace) -> None:
     from obinfer.storage import default_weights_dir
 
     root = Path(args.weights_dir) if args.weights_dir else default_weights_dir()
-    width = max(len(n) for n in MODELS)
     for name, model in sorted(MODELS.items()):
-        state = "ready" if (root / name / "config.json").is_file() else "built on first use"
-        default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name:<{width}}  [{state}]{default}  {model.description}")
+        state = "present" if (root / name / "config.json").is_file() else "built on first use"
+        default = ", the default" if name == DEFAULT_MODEL else ""
+        print(f"{name}  [{state}{default}; download {model.download_mb} MB]")
+        print(f"    {model.description}")
+        if model.provenance:
+            print(f"    provenance: {model.provenance}")
 
 
 def cmd_presses(args: argparse.Namespace) -> None:
@@ -61,4 +70,4 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_convert_gguf(args: argparse.Namespace) -> None:
     from obinfer.gguf_import import convert_gguf
 
-    print(convert_gguf(args.gguf, args.out_dir))
+    print(convert_gguf(args.gguf, args.out_dir, dtype=args.dtype))

@@ -14,22 +14,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from obinfer.errors import ObinferError, require
+from obinfer.cache.allocators import DEFAULT_ALLOCATOR
+from obinfer.cache.presses import FULL_NAME
+from obinfer.errors import require
+from obinfer.eval import EvalError
+from obinfer.eval.results import ResultsError, ResultsMissing, Rows, output_dir, press_name, scan_results
 from obinfer.storage import atomic_path
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
-FULL = "full"
 SCORE_STYLES: dict[str, tuple[Any, str]] = {  # score -> (line style, marker)
     "attn": ("-", "o"),
     "obv": ("--", "s"),
@@ -37,153 +37,24 @@ SCORE_STYLES: dict[str, tuple[Any, str]] = {  # score -> (line style, marker)
     "obkv": (":", "D"),
 }
 OTHER_STYLE: tuple[Any, str] = ((0, (5, 1, 1, 1)), "v")
+PLOTS_WHAT = "for the plots (use --plots-dir)"  # completes "PATH is a file, not a directory ..."
 DEPTH_BINS = 10  # needle depth bins of 10 percentage points
 
-Rows = list[dict[str, Any]]
 
-
-# ------------------------------------------------------------------------------------------ reading
-class ReportError(ObinferError, ValueError):
-    """A results file that cannot be read (corrupt lines with ``strict``) or a bad report option."""
-
-
-class ResultsMissing(ObinferError, FileNotFoundError):
-    """No results file (or an empty one) where results were expected."""
-
-
-RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
-
-
-@dataclass
-class BadLine:
-    """A line of a results file that is not a usable result row."""
-
-    line: int  # 1-based line number
-    offset: int  # byte offset of the line's start
-    reason: str
-
-
-@dataclass
-class ResultsScan:
-    """Everything :func:`scan_results` found in a results file.
-
-    ``last_line`` is the number of the last non-blank line (0 if none); ``data`` the file's bytes.
-    """
-
-    path: Path
-    rows: Rows
-    bad: list[BadLine]
-    last_line: int
-    data: bytes
-
-    def describe(self, bad: Sequence[BadLine] | None = None, first: int = 3) -> str:
-        """``PATH:3 (not valid JSON), PATH:9 (...) and 2 more`` for the first few bad lines."""
-        bad = self.bad if bad is None else bad
-        text = ", ".join(f"{self.path}:{b.line} ({b.reason})" for b in bad[:first])
-        return text + (f" and {len(bad) - first} more" if len(bad) > first else "")
-
-
-def results_path(path: Path | str) -> Path:
-    """The results file: `path` itself, or ``path/results.jsonl`` for a directory."""
-    p = Path(path)
-    return p / RESULTS_FILE if p.is_dir() else p
-
-
-def row_problem(row: Any) -> str | None:
-    """Why a decoded JSON value is not a usable result row, or None if it is."""
-    if not isinstance(row, dict):
-        return "not a JSON object"
-    missing = [k for k in RESULT_FIELDS if k not in row]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    if not all(isinstance(row[k], str) for k in ("task", "press", "mode")):
-        return "task, press and mode must be strings"
-    depth = row.get("depth")
-    if depth is not None and not isinstance(depth, list):
-        return "depth must be a list"
-    try:
-        for x in (row["ratio"], row["score"], *(depth or [])):
-            float(x)
-        int(row["length"]), int(row["index"])
-    except (TypeError, ValueError, OverflowError):
-        return "length, index, ratio, score and depth must be numbers"
-    return None
-
-
-def scan_results(path: Path | str) -> ResultsScan:
-    """Read a results JSONL file (or directory) line by line, keeping the bad lines' numbers and reasons.
-
-    A line is bad if it is not UTF-8, not JSON, or not a result row (see :func:`row_problem`); blank
-    lines are ignored. Raises ResultsMissing if there is no such file and OSError if it cannot be read.
-    """
-    p = results_path(path)
-    if p.is_dir():
-        raise ReportError(f"{p} is a directory, not a results file")
-    if not p.is_file():
-        raise ResultsMissing(f"no results found at {p} (run `obinfer eval --out DIR` first)")
-    data = p.read_bytes()
-    rows: Rows = []
-    bad: list[BadLine] = []
-    offset, last = 0, 0
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        start, offset = offset, offset + len(raw) + 1
-        if not raw.strip():
-            continue
-        last = number
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            bad.append(BadLine(number, start, "not UTF-8"))
-            continue
-        except (json.JSONDecodeError, RecursionError):
-            bad.append(BadLine(number, start, "not valid JSON"))
-            continue
-        why = row_problem(row)
-        if why is None:
-            rows.append(row)
-        else:
-            bad.append(BadLine(number, start, why))
-    return ResultsScan(p, rows, bad, last, data)
-
-
-def read_results(path: Path | str, with_errors: bool = False, strict: bool = False) -> Any:
-    """Rows of a results JSONL file (or directory); unusable lines are skipped (see :func:`scan_results`).
-
-    Args:
-        strict: raise ReportError naming the file and line of the first unusable line instead.
-    Returns:
-        rows, or (rows, number of skipped lines) with ``with_errors``.
-    """
-    scan = scan_results(path)
-    if strict and scan.bad:
-        raise ReportError(_bad_lines_error(scan))
-    return (scan.rows, len(scan.bad)) if with_errors else scan.rows
-
-
-def _bad_lines_error(scan: ResultsScan) -> str:
-    b, n = scan.bad[0], len(scan.bad)
-    more = f" ({n} unreadable lines in all)" if n > 1 else ""
-    return f"{scan.path}:{b.line}: {b.reason}{more}; fix or delete the line(s) to use this file"
+class ReportError(EvalError):
+    """A bad report option."""
 
 
 # ------------------------------------------------------------------------------------------ names
-def split_press(name: str) -> tuple[str, str]:
-    """(family, score): ``adakv-snapkv-obk`` -> (``adakv-snapkv``, ``obk``); no suffix -> score ``attn``."""
-    prefix = "adakv-" if name.startswith("adakv-") else ""
-    policy, _, score = name[len(prefix) :].partition("-")
-    return prefix + policy, score or "attn"
-
-
 def press_order(names: Sequence[str]) -> list[str]:
-    """full first, then by policy, uniform before adakv, baseline before its obv/obk/obkv variants."""
+    """full first, then by policy, uniform before other allocators (adakv), baseline before its
+    obv/obk/obkv variants."""
     scores = list(SCORE_STYLES)
 
     def key(name: str) -> tuple:
-        family, score = split_press(name)
-        adakv = family.startswith("adakv-")
-        policy = family[len("adakv-") :] if adakv else family
-        rank = scores.index(score) if score in scores else len(scores)
-        return (name != FULL, policy, adakv, rank, score)
+        p = press_name(name)
+        rank = scores.index(p.score) if p.score in scores else len(scores)
+        return (not p.is_full, p.policy, p.allocator != DEFAULT_ALLOCATOR, p.allocator, rank, p.score)
 
     return sorted(set(names), key=key)
 
@@ -284,8 +155,9 @@ def compare_variants(rows: Rows, n_boot: int = 2000, seed: int = 0) -> list[dict
     for (mode, length), presses in sorted(group(rows).items()):
         by_press = {p: _scores_by_sample([r for rs in d.values() for r in rs]) for p, d in presses.items()}
         for variant in press_order(list(presses)):
-            base, score = split_press(variant)
-            if variant == FULL or score == "attn" or base not in by_press:
+            p = press_name(variant)
+            base = p.family
+            if p.is_full or p.score == "attn" or base not in by_press:
                 continue
             va, vb = by_press[variant], by_press[base]
             ratios = sorted(set(va) & set(vb))
@@ -335,14 +207,6 @@ def _new_figure(w: float, h: float, layout: str | None = None):  # noqa: ANN202
     return fig
 
 
-def _plots_dir(out_dir: Path | str) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ReportError(f"{out_dir} is a file, not a directory for the plots (use --plots-dir)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
 def _save(fig: Any, path: Path, dpi: int) -> Path:
     """Write the figure as PNG atomically (a kill never leaves a truncated PNG)."""
     with atomic_path(path) as tmp:
@@ -354,24 +218,28 @@ def press_style(name: str, families: Sequence[str]) -> dict[str, Any]:
     """Line kwargs: colour from the press family, line style and marker from its score."""
     from matplotlib import colormaps
 
-    family, score = split_press(name)
+    p = press_name(name)
     colours = colormaps["tab10"].colors
-    ls, marker = SCORE_STYLES.get(score, OTHER_STYLE)
-    return {"color": colours[list(families).index(family) % len(colours)], "linestyle": ls, "marker": marker}
+    ls, marker = SCORE_STYLES.get(p.score, OTHER_STYLE)
+    return {
+        "color": colours[list(families).index(p.family) % len(colours)],
+        "linestyle": ls,
+        "marker": marker,
+    }
 
 
 def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
     """``accuracy_<mode>_<length>.png``: accuracy against compression ratio, one line per press."""
-    out_dir = _plots_dir(out_dir)
+    out_dir = output_dir(out_dir, PLOTS_WHAT)
     paths = []
     for (mode, length), cells in sorted(accuracy_grid(rows).items()):
         fig = _new_figure(7, 4.5)
         ax = fig.add_subplot()
         names = press_order(list(cells))
-        families = list(dict.fromkeys(split_press(n)[0] for n in names if n != FULL))
+        families = list(dict.fromkeys(press_name(n).family for n in names if n != FULL_NAME))
         for name in names:
             pts = sorted(cells[name].items())
-            if name == FULL:
+            if name == FULL_NAME:
                 ax.axhline(pts[0][1][0], color="black", linestyle=":", label=f"full ({pts[0][1][0]:.1f})")
                 continue
             ax.plot([r for r, _ in pts], [c[0] for _, c in pts], label=name, **press_style(name, families))
@@ -430,10 +298,10 @@ def plot_depth_heatmaps(rows: Rows, out_dir: Path | str) -> list[Path]:
             for p, by_ratio in presses.items():
                 for ratio, rs in by_ratio.items():
                     cells.setdefault((p, ratio), []).extend(rs)
-        out_dir = _plots_dir(out_dir)
-        if (FULL, 0.0) in cells:
-            paths.append(_full_heatmap(cells[(FULL, 0.0)], lengths, mode, out_dir))
-        if any(p != FULL for p, _ in cells):
+        out_dir = output_dir(out_dir, PLOTS_WHAT)
+        if (FULL_NAME, 0.0) in cells:
+            paths.append(_full_heatmap(cells[(FULL_NAME, 0.0)], lengths, mode, out_dir))
+        if any(p != FULL_NAME for p, _ in cells):
             paths.append(_press_heatmaps(cells, lengths, mode, out_dir))
     return paths
 
@@ -451,8 +319,8 @@ def _full_heatmap(rows: Rows, lengths: list[int], mode: str, out_dir: Path) -> P
 def _press_heatmaps(
     cells: dict[tuple[str, float], Rows], lengths: list[int], mode: str, out_dir: Path
 ) -> Path:
-    names = press_order([p for p, _ in cells if p != FULL])
-    ratios = sorted({r for p, r in cells if p != FULL})
+    names = press_order([p for p, _ in cells if p != FULL_NAME])
+    ratios = sorted({r for p, r in cells if p != FULL_NAME})
     fig = _new_figure(1.5 + (0.6 + 0.5 * len(lengths)) * len(ratios), 1.0 + 1.9 * len(names), "constrained")
     axes = fig.subplots(len(names), len(ratios), squeeze=False)
     im = None
@@ -484,7 +352,7 @@ def make_report(
     """The report text (tables + comparisons) and the PNGs written (default ``<results>/plots``).
 
     Unusable lines of the results file are skipped with one message to `warn` (default: a logged
-    warning) naming the file and the first few line numbers; ``strict=True`` raises ReportError instead.
+    warning) naming the file and the first few line numbers; ``strict=True`` raises ResultsError instead.
     """
     if n_boot < 1:
         raise ReportError(f"the number of bootstrap resamples must be >= 1, got {n_boot}")
@@ -492,9 +360,9 @@ def make_report(
         raise ReportError(f"the bootstrap seed must be >= 0, got {seed}")
     scan = scan_results(results)
     if scan.bad and strict:
-        raise ReportError(_bad_lines_error(scan))
+        raise ResultsError(scan.bad_lines_error())
     if scan.bad and not scan.rows:
-        raise ReportError(f"{scan.path} holds no readable results: {scan.describe()}")
+        raise ResultsError(f"{scan.path} holds no readable results: {scan.describe()}")
     if not scan.rows:
         raise ResultsMissing(f"{scan.path} holds no results yet")
     if scan.bad:

@@ -1,12 +1,11 @@
 """RULER evaluation runner: kvpress's protocol, with one prefill per sample shared by every press.
 
-Protocol (docs/ruler.md section 1.6): the context is wrapped in the chat template's user turn and
-prefilled; the cache is compressed; then ``question + template suffix + answer prefix`` is fed at the
-positions that follow the *uncompressed* context, and the answer is decoded greedily (stop ids or
-``max_new_tokens``), post-processed and scored with RULER's string match. Without a chat template the
-context gets a BOS token and the question a ``"\\n"`` suffix, as in kvpress. In query-aware mode
-(``mode="aware"``) the question is appended to the context before compression and only the template
-suffix + answer prefix follow it.
+Protocol (docs/ruler.md section 1.6, `obinfer/eval/protocol.py`): the context is wrapped in the chat
+template's user turn and prefilled; the cache is compressed; then ``question + template suffix + answer
+prefix`` is fed at the positions that follow the *uncompressed* context, and the answer is decoded
+greedily (stop ids or ``max_new_tokens``), post-processed and scored with RULER's string match. In
+query-aware mode (``mode="aware"``) the question is appended to the context before compression and only
+the template suffix + answer prefix follow it.
 
 One prefill serves every press: compressing a layer never changes that layer's forward pass (the
 press runs after the layer's attention) and the next layer's input does not depend on the layer's cache.
@@ -17,17 +16,15 @@ The result is the cache a press-in-the-loop prefill would have produced (tests/t
 checks the answers are identical). ``reprefill=True`` runs the naive
 loop (a fresh prefill per press) for timing comparisons.
 
-Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive
-(each line written whole and fsync'ed, or cut back off if the write fails), so an interrupted run loses
-nothing and ``resume=True`` continues it: a line torn by a kill can only be the last one, and resuming
-drops it and redoes that row. Every other file (the samples in ``<out>/data``) is replaced atomically.
+Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive,
+each line whole and fsync'ed, so an interrupted run loses nothing and ``resume=True`` continues it
+(`obinfer/eval/results.py`). A progress bar needs tqdm (the ``eval`` extra); without it, a progress
+line is logged every few seconds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,25 +35,24 @@ import torch
 
 from obinfer.cache.fanout import Fanout
 from obinfer.cache.kv_cache import KVCache
-from obinfer.cache.presses import PressName, make_press
-from obinfer.errors import ObinferError
+from obinfer.cache.presses import FULL_NAME, PressName, make_press
+from obinfer.eval import EvalError
 from obinfer.eval.metrics import score_row
-from obinfer.eval.report import ReportError, read_results, scan_results
+from obinfer.eval.protocol import MODES, check_fits, check_length, sample_prompt
+from obinfer.eval.results import (
+    appender,
+    check_out_dir,
+    open_for_resume,
+    output_dir,
+    read_results,
+    result_key,
+)
 from obinfer.generate import stream
 from obinfer.models.llama import Transformer
-from obinfer.storage import atomic_write_bytes, atomic_write_text, oserror_for
 
-MODES = ("agnostic", "aware")
-FULL = "full"
-RESULTS_FILE = "results.jsonl"
-NO_CHAT_SUFFIX = "\n"  # kvpress: the question's suffix when the tokenizer has no chat template
-SAMPLE_FIELDS = ("task", "index", "context", "question", "answer_prefix", "answers", "max_new_tokens")
+PROGRESS_EVERY_S = 10.0  # without tqdm: seconds between progress lines
 
 logger = logging.getLogger(__name__)
-
-
-class EvalError(ObinferError, ValueError):
-    """A bad evaluation setting or a sample that does not fit the model."""
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -115,58 +111,16 @@ def press_grid(presses: Sequence[str], ratios: Sequence[float]) -> list[Combo]:
         raise EvalError("no presses given")
     out: list[Combo] = []
     for name in dict.fromkeys(presses):
-        if name != FULL:
+        if name != FULL_NAME:
             if not ratios:
                 raise EvalError(f"press {name} needs at least one compression ratio")
             out += [Combo(name, float(r)) for r in dict.fromkeys(ratios)]
-    if FULL in presses:
-        out.append(Combo(FULL, 0.0))
+    if FULL_NAME in presses:
+        out.append(Combo(FULL_NAME, 0.0))
     return out
 
 
-def result_key(row: dict[str, Any]) -> tuple:
-    """What identifies a result: (task, length, index, press, ratio, mode)."""
-    return (
-        row["task"],
-        int(row["length"]),
-        int(row["index"]),
-        row["press"],
-        round(float(row["ratio"]), 6),
-        row["mode"],
-    )
-
-
-# ------------------------------------------------------------------------------------------ prompts
-def prompt_ids(tok: Any, row: dict[str, Any], mode: str, chat: bool) -> tuple[list[int], list[int]]:
-    """Token ids (prefilled and compressed, fed after compression) for one sample, as kvpress builds them.
-
-    agnostic: ``prefix + context`` | ``question + suffix + answer_prefix``;
-    aware:    ``prefix + context + question`` | ``suffix + answer_prefix``.
-    With chat, (prefix, suffix) come from ``tok.chat_parts()`` (the template writes any BOS); without,
-    the prefix is the BOS token and the suffix ``"\\n"``. Both parts are encoded without added BOS.
-    """
-    if chat:
-        prefix, suffix = tok.chat_parts()
-        bos: list[int] = []
-    else:
-        prefix, suffix = "", NO_CHAT_SUFFIX
-        bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []
-    context, question = row["context"], row["question"]
-    if mode == "aware":
-        context, question = context + question, ""
-    ctx = bos + tok.encode(prefix + context, add_bos=False)
-    q = tok.encode(question + suffix + row["answer_prefix"], add_bos=False)
-    if not ctx or not q:
-        raise EvalError(f"{row['task']} #{row['index']}: empty context or question after tokenization")
-    return ctx, q
-
-
-def count_tokens_fn(tok: Any) -> Callable[[str], int]:
-    """RULER's length measure: tokens of the raw text, without BOS or chat template."""
-    return lambda text: len(tok.encode(text, add_bos=False))
-
-
-# ------------------------------------------------------------------------------ shared prefill parts
+# ------------------------------------------------------------------------------------------ decoding
 def answer(
     model: Transformer, tok: Any, cache: KVCache, q_ids: Sequence[int], max_new: int
 ) -> tuple[str, int]:
@@ -181,7 +135,7 @@ def answer(
     return tok.decode(out), len(out)
 
 
-# ------------------------------------------------------------------------------------------ samples
+# ---------------------------------------------------------------------------------------- one sample
 def _base_row(row: dict[str, Any], mode: str, combo: Combo, cfg: EvalConfig) -> dict[str, Any]:
     return {
         "task": row["task"],
@@ -203,23 +157,14 @@ def _finish(res: dict[str, Any], pred: str, n_new: int, task: str) -> dict[str, 
     return res
 
 
-def _check_fits(model: Transformer, row: dict[str, Any], n_ctx: int, n_q: int, max_new: int) -> None:
-    limit = model.cfg.max_position_embeddings
-    if n_ctx + n_q + max_new > limit:
-        raise EvalError(
-            f"{row['task']} #{row['index']}: {n_ctx + n_q} prompt tokens + {max_new} new tokens exceed the "
-            f"model's {limit} positions (use a smaller --length or --max-new-tokens)"
-        )
-
-
 def run_sample(
     model: Transformer, tok: Any, row: dict[str, Any], mode: str, combos: Sequence[Combo], cfg: EvalConfig
 ) -> Iterator[dict[str, Any]]:
     """Result rows of one sample in one mode for `combos` (one shared prefill, or one per combo)."""
-    chat = tok.has_chat_template if cfg.chat is None else cfg.chat
-    ctx, q = prompt_ids(tok, row, mode, chat)
+    prompt = sample_prompt(tok, row, mode, cfg.chat)
     max_new = min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
-    _check_fits(model, row, len(ctx), len(q), max_new)
+    check_fits(row, prompt, max_new, model.cfg.max_position_embeddings)
+    ctx, q = prompt.prefill, prompt.after
     runner = _reprefilled if cfg.reprefill else _shared
     for combo, res in runner(model, tok, ctx, q, max_new, combos):
         out = _base_row(row, mode, combo, cfg)
@@ -277,91 +222,6 @@ def _cache_fields(cache: KVCache, full_bytes: int, full_tokens: int) -> dict[str
 
 
 # ----------------------------------------------------------------------------------------- the loop
-def _ensure_dir(path: Path, what: str) -> Path:
-    if path.exists() and not path.is_dir():
-        raise EvalError(f"{path} is a file, not a directory ({what})")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def check_out_dir(out_dir: Path | str, resume: bool, scan: bool = True) -> Path:
-    """Check a results directory before anything runs; returns its results file.
-
-    Raises EvalError if `out_dir` is a file, its results file is a directory, the results file already
-    has rows and `resume` is off, or (resuming, with `scan`) the file has a damaged line other than a
-    torn last one.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / RESULTS_FILE
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EvalError(f"{out_dir} is a file, not a results directory (choose another --out)")
-    if path.is_dir():
-        raise EvalError(f"{path} is a directory, not a results file (remove it or choose another --out)")
-    if path.is_file() and path.stat().st_size:
-        if not resume:
-            raise EvalError(
-                f"{path} already exists: pass --resume to continue that run, or choose another --out"
-            )
-        if scan:
-            _scan_for_resume(path)
-    return path
-
-
-def _scan_for_resume(path: Path) -> tuple[list[dict[str, Any]], bytes | None]:
-    """(rows, repaired file content or None): a torn last line is dropped, any other bad line is fatal."""
-    try:
-        scan = scan_results(path)
-    except ReportError as e:
-        raise EvalError(str(e)) from None
-    middle = [b for b in scan.bad if b.line != scan.last_line]
-    if middle:
-        b = middle[0]
-        raise EvalError(
-            f"{path}:{b.line}: {b.reason} (a damaged line before the last one; only a torn last line is "
-            "repaired): fix or delete that line, then rerun with --resume"
-        )
-    if scan.bad:  # the last write was interrupted: keep the complete rows, redo that one
-        return scan.rows, scan.data[: scan.bad[-1].offset]
-    if scan.data and not scan.data.endswith(b"\n"):  # cut just before its newline: the row is whole
-        return scan.rows, scan.data + b"\n"
-    return scan.rows, None
-
-
-def _open_results(path: Path, resume: bool) -> set[tuple]:
-    """Keys already done; repairs a torn last line (atomically). Refuses to mix runs unless resuming."""
-    check_out_dir(path.parent, resume, scan=False)
-    if not path.exists() or path.stat().st_size == 0:
-        return set()
-    rows, repaired = _scan_for_resume(path)
-    if repaired is not None:
-        if len(repaired) < path.stat().st_size:
-            logger.warning(
-                "%s: dropped a torn last line (an interrupted write); its row will be redone", path
-            )
-        atomic_write_bytes(path, repaired)
-    return {result_key(r) for r in rows}
-
-
-def _append_line(fd: int, data: bytes, path: Path) -> None:
-    """Append one whole line and fsync it; on any failure cut the file back to where it was."""
-    pos = os.lseek(fd, 0, os.SEEK_END)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException as e:
-        try:
-            os.ftruncate(fd, pos)
-        except OSError:
-            pass  # the next --resume drops the torn line
-        if isinstance(e, OSError):
-            new = oserror_for(path, e)
-            if new is not e:
-                raise new from e
-        raise
-
-
 def _check_lengths(model: Transformer, samples: Sequence[dict[str, Any]], cfg: EvalConfig) -> None:
     """Fail before running anything if a sample's length budget cannot fit the model's positions."""
     seen = set()
@@ -374,34 +234,6 @@ def _check_lengths(model: Transformer, samples: Sequence[dict[str, Any]], cfg: E
             check_length(*key, model.cfg.max_position_embeddings, cfg.max_new_tokens)
 
 
-def check_length(
-    task: str,
-    length: int,
-    task_new_tokens: int,
-    limit: int | None = None,
-    max_new_tokens: int | None = None,
-) -> None:
-    """Raise EvalError if `length` (RULER's max_seq_length) is out of range for the task or the model.
-
-    A sample's prompt gets ``length - task_new_tokens`` tokens and its answer up to ``task_new_tokens``
-    (capped by `max_new_tokens`), so `length` must exceed ``task_new_tokens`` and, given the model's
-    `limit` positions, the prompt plus the capped answer must fit them (the chat template's few extra
-    tokens are checked per sample, when its prompt is built).
-    """
-    if length <= task_new_tokens:
-        raise EvalError(
-            f"length {length} is too small for {task}: it must exceed the task's {task_new_tokens} answer tokens"
-        )
-    new = min(task_new_tokens, max_new_tokens or task_new_tokens)
-    need = length - task_new_tokens + new
-    if limit is not None and need > limit:
-        raise EvalError(
-            f"length {length} does not fit the model: {task} prompts get {length - task_new_tokens} tokens and "
-            f"answers {new}, {need} positions in all, but the model has {limit} (use a smaller --length "
-            "or --max-new-tokens)"
-        )
-
-
 def _pending(
     samples: Sequence[dict], cfg: EvalConfig, done: set[tuple]
 ) -> list[tuple[dict, str, list[Combo]]]:
@@ -412,6 +244,39 @@ def _pending(
             if todo:
                 work.append((row, mode, todo))
     return work
+
+
+class _Progress:
+    """tqdm's bar when tqdm is installed, else a plain line logged at most every PROGRESS_EVERY_S."""
+
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.where = total, done, enabled, ""
+        self.last = time.monotonic()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, initial=done, unit="answer", desc="eval")
+
+    def at(self, where: str) -> None:
+        self.where = where
+        if self.bar is not None:
+            self.bar.set_postfix_str(where, refresh=False)
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled and (now - self.last >= PROGRESS_EVERY_S or self.done == self.total):
+            self.last = now
+            logger.info("eval: %d/%d answers (%s)", self.done, self.total, self.where)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_eval(
@@ -434,6 +299,7 @@ def run_eval(
             max_new_tokens, max_seq_length, ...).
         resume: continue an existing results file, skipping finished rows (a torn last line, left by a
             kill, is dropped and its row redone).
+        progress: a progress bar (tqdm), or without tqdm a progress line every few seconds.
         on_result: called with each new result row right after it is written.
     Returns:
         Every row of the results file.
@@ -445,129 +311,20 @@ def run_eval(
     out_dir = Path(out_dir)
     path = check_out_dir(out_dir, resume, scan=False)
     _check_lengths(model, samples, cfg)
-    _ensure_dir(out_dir, "the results directory")
-    done = _open_results(path, resume)
+    output_dir(out_dir, "(the results directory)")
+    done = open_for_resume(path, resume)
     work = _pending(samples, cfg, done)
     total = len(samples) * len(cfg.modes) * len(cfg.combos)
-    todo = sum(len(c) for _, _, c in work)
-    from tqdm import tqdm
-
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    bar = _Progress(total, total - sum(len(c) for _, _, c in work), progress)
     try:
-        with tqdm(total=total, initial=total - todo, disable=not progress, unit="answer", desc="eval") as bar:
+        with appender(path) as append:
             for row, mode, combos in work:
-                bar.set_postfix_str(f"{row['task']} #{row['index']} {mode}", refresh=False)
+                bar.at(f"{row['task']} #{row['index']} {mode}")
                 for res in run_sample(model, tok, row, mode, combos, cfg):
-                    _append_line(fd, (json.dumps(res, ensure_ascii=False) + "\n").encode("utf-8"), path)
-                    bar.update(1)
+                    append(res)
+                    bar.step()
                     if on_result is not None:
                         on_result(res)
     finally:
-        os.close(fd)
+        bar.close()
     return read_results(path)
-
-
-# -------------------------------------------------------------------------------------- sample data
-def sample_path(out_dir: Path | str, task: str, length: int, seed: int) -> Path:
-    return Path(out_dir) / "data" / f"{task}_{length}_{seed}.jsonl"
-
-
-def load_or_make_samples(
-    out_dir: Path | str,
-    task: str,
-    length: int,
-    n: int,
-    seed: int,
-    count_tokens: Callable[[str], int],
-    noise_fallback: bool = False,
-    essays_dir: Path | str | None = None,
-) -> list[dict[str, Any]]:
-    """The first n samples of (task, length, seed), cached in ``<out>/data/<task>_<length>_<seed>.jsonl``.
-
-    The cache is derived data: it is (re)generated, deterministically, when it is missing, has fewer
-    than n rows, was built with another haystack (e.g. the noise fallback before the essays were
-    fetched) or another tokenizer, or cannot be read (torn, not UTF-8, not JSON: a warning is logged).
-    It is written atomically.
-
-    Raises:
-        EvalError: n < 1, an unknown task, a length too small for the task; a directory where the
-            sample file should be.
-    """
-    from obinfer.eval import tasks
-
-    if n < 1:
-        raise EvalError(f"the number of samples must be >= 1, got {n}")
-    want = _haystack_for(task, noise_fallback, essays_dir)
-    check_length(task, length, tasks.TASKS[task].max_new_tokens)
-    path = sample_path(out_dir, task, length, seed)
-    rows = _cached_samples(path, task, length, n, want, count_tokens)
-    if rows is not None:
-        return rows
-    try:
-        rows = tasks.make_ruler(task, length, n, seed, count_tokens, noise_fallback, essays_dir)
-    except ObinferError:
-        raise
-    except ValueError as e:  # e.g. a length too small for the task
-        raise EvalError(str(e)) from None
-    _ensure_dir(path.parent, "the sample cache")
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return rows
-
-
-def _cached_samples(
-    path: Path, task: str, length: int, n: int, haystack: str | None, count_tokens: Callable[[str], int]
-) -> list[dict[str, Any]] | None:
-    """The first n cached rows if the file holds them for these settings, else None (regenerate)."""
-    if path.is_dir():
-        raise EvalError(f"{path} is a directory, not a sample file (remove it)")
-    if not path.is_file():
-        return None
-    rows = []
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if len(rows) == n:
-            break
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else "not valid JSON"
-            logger.warning("%s:%d is unreadable (%s); regenerating the samples", path, number, why)
-            return None
-        if not isinstance(row, dict) or any(k not in row for k in SAMPLE_FIELDS):
-            logger.warning("%s:%d is not a sample; regenerating the samples", path, number)
-            return None
-        rows.append(row)
-    if len(rows) < n:
-        return None
-    same = all(
-        r["task"] == task
-        and r.get("max_seq_length") == length
-        and r["index"] == i
-        and r.get("haystack") == haystack
-        for i, r in enumerate(rows)
-    )
-    first = rows[0]
-    if not same or first.get("n_tokens") != count_tokens(
-        first["context"] + first["question"] + first["answer_prefix"]
-    ):
-        logger.info("%s was built with other settings or another tokenizer; regenerating it", path)
-        return None
-    return rows
-
-
-def _haystack_for(task: str, noise_fallback: bool, essays_dir: Path | str | None) -> str | None:
-    from obinfer.eval import haystack, tasks
-
-    if task not in tasks.TASKS:
-        raise EvalError(f"unknown RULER task {task!r}; valid tasks: {', '.join(tasks.TASKS)}")
-    kind = tasks.TASKS[task].haystack
-    if kind != "essay":
-        return kind
-    try:
-        haystack.essay_words(essays_dir)
-        return "essay"
-    except haystack.EssaysMissing:
-        if noise_fallback:
-            return "noise"
-        raise

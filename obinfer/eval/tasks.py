@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from obinfer.eval import haystack as hs
+from obinfer.storage import atomic_write_text
 
 CountFn = Callable[[str], int]
 
@@ -546,13 +547,10 @@ def _row(
 
 # ------------------------------------------------------------------------------------------- jsonl
 def save_jsonl(rows: Iterable[dict[str, Any]], path: Path | str) -> Path:
-    """Write rows as JSON lines (UTF-8, one object per line); creates parent directories."""
+    """Write rows as JSON lines (UTF-8, one object per line), atomically; creates parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_jsonl(path: Path | str) -> list[dict[str, Any]]:

@@ -1,0 +1,316 @@
+"""A results directory: ``results.jsonl`` (one row per answer), ``run.json`` (what produced it), and the
+subdirectories the runner and the report write into (``data/``, ``plots/``).
+
+``results.jsonl`` is appended one row per (sample, press, ratio, mode) as answers arrive, each line
+written whole and fsync'ed, or cut back off if the write fails (:func:`append_line`), so an interrupted
+run loses nothing. A line torn by a kill can only be the last one: resuming drops it and redoes that row
+(:func:`open_for_resume`); a damaged line before the last is an error. Readers (the report) skip
+unusable lines, naming them (:func:`scan_results`), or refuse them with ``strict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from obinfer.cache.policies import PressError
+from obinfer.cache.presses import PressName
+from obinfer.errors import ObinferError
+from obinfer.eval import EvalError
+from obinfer.storage import atomic_write_bytes, atomic_write_text, oserror_for
+
+RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
+RUN_KEYS = ("model", "dtype", "seed", "chat")  # run.json entries that must match to resume
+RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
+
+Rows = list[dict[str, Any]]
+logger = logging.getLogger(__name__)
+
+
+class ResultsError(EvalError):
+    """A results file or directory that cannot be used (damaged, of the wrong kind, or already there)."""
+
+
+class ResultsMissing(ObinferError, FileNotFoundError):
+    """No results file (or an empty one) where results were expected."""
+
+
+# ------------------------------------------------------------------------------------------- rows
+def result_key(row: dict[str, Any]) -> tuple:
+    """What identifies a result: (task, length, index, press, ratio, mode)."""
+    return (
+        row["task"],
+        int(row["length"]),
+        int(row["index"]),
+        row["press"],
+        round(float(row["ratio"]), 6),
+        row["mode"],
+    )
+
+
+@cache
+def press_name(name: str) -> PressName:
+    """The parsed press name of a results row (parsed once per name; the shape only, see PressName)."""
+    return PressName.parse(name, check=False)
+
+
+def row_problem(row: Any) -> str | None:
+    """Why a decoded JSON value is not a usable result row, or None if it is."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    missing = [k for k in RESULT_FIELDS if k not in row]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not all(isinstance(row[k], str) for k in ("task", "press", "mode")):
+        return "task, press and mode must be strings"
+    depth = row.get("depth")
+    if depth is not None and not isinstance(depth, list):
+        return "depth must be a list"
+    try:
+        for x in (row["ratio"], row["score"], *(depth or [])):
+            float(x)
+        int(row["length"]), int(row["index"])
+    except (TypeError, ValueError, OverflowError):
+        return "length, index, ratio, score and depth must be numbers"
+    try:
+        press_name(row["press"])
+    except PressError:
+        return f"{row['press']!r} is not a press name"
+    return None
+
+
+def decode_json(raw: bytes) -> tuple[Any, str | None]:
+    """(value, None) for UTF-8 JSON bytes (a JSON-lines line, a small file), else (None, why): why is
+    "not UTF-8" or "not valid JSON"."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    except (json.JSONDecodeError, RecursionError):
+        return None, "not valid JSON"
+
+
+# ---------------------------------------------------------------------------------------- reading
+@dataclass
+class BadLine:
+    """A line of a results file that is not a usable result row."""
+
+    line: int  # 1-based line number
+    offset: int  # byte offset of the line's start
+    reason: str
+
+
+@dataclass
+class ResultsScan:
+    """Everything :func:`scan_results` found in a results file.
+
+    ``last_line`` is the number of the last non-blank line (0 if none); ``data`` the file's bytes.
+    """
+
+    path: Path
+    rows: Rows
+    bad: list[BadLine]
+    last_line: int
+    data: bytes
+
+    def describe(self, bad: Sequence[BadLine] | None = None, first: int = 3) -> str:
+        """``PATH:3 (not valid JSON), PATH:9 (...) and 2 more`` for the first few bad lines."""
+        bad = self.bad if bad is None else bad
+        text = ", ".join(f"{self.path}:{b.line} ({b.reason})" for b in bad[:first])
+        return text + (f" and {len(bad) - first} more" if len(bad) > first else "")
+
+    def bad_lines_error(self) -> str:
+        """The message refusing this file: its first bad line and how many there are."""
+        b, n = self.bad[0], len(self.bad)
+        more = f" ({n} unreadable lines in all)" if n > 1 else ""
+        return f"{self.path}:{b.line}: {b.reason}{more}; fix or delete the line(s) to use this file"
+
+
+def results_path(path: Path | str) -> Path:
+    """The results file: `path` itself, or ``path/results.jsonl`` for a directory."""
+    p = Path(path)
+    return p / RESULTS_FILE if p.is_dir() else p
+
+
+def scan_results(path: Path | str) -> ResultsScan:
+    """Read a results JSONL file (or directory) line by line, keeping the bad lines' numbers and reasons.
+
+    A line is bad if it is not UTF-8, not JSON, or not a result row (see :func:`row_problem`); blank
+    lines are ignored. Raises ResultsMissing if there is no such file, ResultsError if it is a
+    directory and OSError if it cannot be read.
+    """
+    p = results_path(path)
+    if p.is_dir():
+        raise ResultsError(f"{p} is a directory, not a results file")
+    if not p.is_file():
+        raise ResultsMissing(f"no results found at {p} (run `obinfer eval --out DIR` first)")
+    data = p.read_bytes()
+    rows: Rows = []
+    bad: list[BadLine] = []
+    offset, last = 0, 0
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        start, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+        last = number
+        row, why = decode_json(raw)
+        why = why or row_problem(row)
+        if why is None:
+            rows.append(row)
+        else:
+            bad.append(BadLine(number, start, why))
+    return ResultsScan(p, rows, bad, last, data)
+
+
+def read_results(path: Path | str, with_errors: bool = False, strict: bool = False) -> Any:
+    """Rows of a results JSONL file (or directory); unusable lines are skipped (see :func:`scan_results`).
+
+    Args:
+        strict: raise ResultsError naming the file and line of the first unusable line instead.
+    Returns:
+        rows, or (rows, number of skipped lines) with ``with_errors``.
+    """
+    scan = scan_results(path)
+    if strict and scan.bad:
+        raise ResultsError(scan.bad_lines_error())
+    return (scan.rows, len(scan.bad)) if with_errors else scan.rows
+
+
+# ---------------------------------------------------------------------------------------- writing
+def output_dir(path: Path | str, what: str) -> Path:
+    """``mkdir -p path``; ResultsError ``PATH is a file, not a directory <what>`` if a file is there."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ResultsError(f"{path} is a file, not a directory {what}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_out_dir(out_dir: Path | str, resume: bool, scan: bool = True) -> Path:
+    """Check a results directory before anything runs; returns its results file.
+
+    Raises ResultsError if `out_dir` is a file, its results file is a directory, the results file
+    already has rows and `resume` is off, or (resuming, with `scan`) the file has a damaged line other
+    than a torn last one.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / RESULTS_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ResultsError(f"{out_dir} is a file, not a results directory (choose another --out)")
+    if path.is_dir():
+        raise ResultsError(f"{path} is a directory, not a results file (remove it or choose another --out)")
+    if path.is_file() and path.stat().st_size:
+        if not resume:
+            raise ResultsError(
+                f"{path} already exists: pass --resume to continue that run, or choose another --out"
+            )
+        if scan:
+            scan_for_resume(path)
+    return path
+
+
+def scan_for_resume(path: Path) -> tuple[Rows, bytes | None]:
+    """(rows, repaired file content or None): a torn last line is dropped, any other bad line is fatal."""
+    scan = scan_results(path)
+    middle = [b for b in scan.bad if b.line != scan.last_line]
+    if middle:
+        b = middle[0]
+        raise ResultsError(
+            f"{path}:{b.line}: {b.reason} (a damaged line before the last one; only a torn last line is "
+            "repaired): fix or delete that line, then rerun with --resume"
+        )
+    if scan.bad:  # the last write was interrupted: keep the complete rows, redo that one
+        return scan.rows, scan.data[: scan.bad[-1].offset]
+    if scan.data and not scan.data.endswith(b"\n"):  # cut just before its newline: the row is whole
+        return scan.rows, scan.data + b"\n"
+    return scan.rows, None
+
+
+def open_for_resume(path: Path, resume: bool) -> set[tuple]:
+    """Keys already done; repairs a torn last line (atomically). Refuses to mix runs unless resuming."""
+    check_out_dir(path.parent, resume, scan=False)
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    rows, repaired = scan_for_resume(path)
+    if repaired is not None:
+        if len(repaired) < path.stat().st_size:
+            logger.warning(
+                "%s: dropped a torn last line (an interrupted write); its row will be redone", path
+            )
+        atomic_write_bytes(path, repaired)
+    return {result_key(r) for r in rows}
+
+
+@contextlib.contextmanager
+def appender(path: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A function that appends one row to the results file `path` (created if missing), as one whole,
+    fsync'ed line (:func:`append_line`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        yield lambda row: append_line(fd, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"), path)
+    finally:
+        os.close(fd)
+
+
+def append_line(fd: int, data: bytes, path: Path) -> None:
+    """Append one whole line and fsync it; on any failure cut the file back to where it was.
+
+    `fd` is `path` opened with ``O_APPEND``; an OSError is re-raised naming `path`.
+    """
+    pos = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException as e:
+        try:
+            os.ftruncate(fd, pos)
+        except OSError:
+            pass  # the next --resume drops the torn line
+        if isinstance(e, OSError):
+            new = oserror_for(path, e)
+            if new is not e:
+                raise new from e
+        raise
+
+
+# ---------------------------------------------------------------------------------------- run.json
+def read_run_info(path: Path) -> dict[str, Any]:
+    """The settings recorded in ``run.json``; ResultsError naming the file if it cannot be read."""
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ResultsError(f"{path} is a directory, not the run settings file (remove it)") from None
+    info, why = decode_json(raw)
+    if why is None:
+        if isinstance(info, dict):
+            return info
+        why = "not a JSON object"
+    raise ResultsError(
+        f"{path} is unreadable ({why}): delete it to resume without checking the model and settings "
+        "(it is then rewritten), or use another --out"
+    )
+
+
+def check_run_info(out_dir: Path | str, info: dict[str, Any], resume: bool) -> None:
+    """Record `info` in ``<out_dir>/run.json``; resuming, first refuse a run whose ``RUN_KEYS`` differ
+    (another model, dtype, seed or chat setting)."""
+    out_dir = Path(out_dir)
+    path = out_dir / RUN_FILE
+    if resume and path.exists():
+        old = read_run_info(path)
+        diff = [k for k in RUN_KEYS if old.get(k) != info.get(k)]
+        if diff:
+            what = ", ".join(f"{k}: {old.get(k)} -> {info.get(k)}" for k in diff)
+            raise ResultsError(f"--resume on {out_dir} with different settings ({what}); use another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
