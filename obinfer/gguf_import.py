@@ -270,7 +270,9 @@ def _llama3_candidates(wavelen: np.ndarray, r: np.ndarray) -> list[dict[str, Any
     return [{"rope_type": "llama3", **dict(zip(keys, c, strict=True))} for c in unique]
 
 
-def infer_llama3_rope_scaling(freq_factors: np.ndarray, head_dim: int, rope_theta: float) -> dict | None:
+def infer_llama3_rope_scaling(
+    freq_factors: np.ndarray, head_dim: int, rope_theta: float
+) -> dict[str, Any] | None:
     """The ``llama3`` ``rope_scaling`` whose frequencies reproduce llama.cpp's ``rope_freqs`` tensor.
 
     llama.cpp divides the RoPE frequency i by ``freq_factors[i]``: 1 for short wavelengths, ``factor``
@@ -295,7 +297,7 @@ def infer_llama3_rope_scaling(freq_factors: np.ndarray, head_dim: int, rope_thet
     """
     import torch
 
-    r = np.asarray(freq_factors, dtype=np.float32).reshape(-1)
+    r = np.array(freq_factors, dtype=np.float32).reshape(-1)  # a writable copy
     if r.size != head_dim // 2:
         raise GGUFImportError(f"{_ROPE_FREQS} has {r.size} values; head_dim {head_dim} needs {head_dim // 2}")
     if not np.isfinite(r).all() or (r <= 0).any():
@@ -567,9 +569,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     """Convert a llama/qwen2 GGUF file into a Hugging Face checkpoint directory.
 
     Every tensor is dequantized to float32, then written as ``dtype``: all of them, norms and biases
-    included (``config.json``'s ``torch_dtype`` says which). bfloat16 or float16 halve the file (a 0.5B
-    model: 1.2 GB instead of 2.5 GB) and round each weight once, to nearest even, exactly as casting
-    the float32 conversion with torch would; float16 refuses a weight beyond its range (65504).
+    included (``config.json``'s ``torch_dtype`` says which). bfloat16 or float16 halve the file and the
+    memory of the conversion's output; each weight is rounded once, to nearest even, exactly as casting
+    the float32 conversion with torch would. float16 refuses a weight beyond its range (65504).
 
     Args:
         gguf_path: path to the ``.gguf`` file.

