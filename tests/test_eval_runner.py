@@ -161,6 +161,25 @@ def test_one_prefill_equals_a_prefill_per_press(tiny_model, tmp_path):
     assert any(v != full[k[:3] + k[5:]] for k, v in preds.items() if k[3] != "full")
 
 
+@pytest.mark.parametrize("batch", [3, 20])
+def test_batched_decoding_gives_the_same_answers(tiny_model, tmp_path, batch):
+    """A sample's compressed caches (uniform and ragged AdaKV rows, different lengths) decoded as one
+    batch answer exactly what decoding each alone answers."""
+    tok, rows = ByteTokenizer(), _rows(2)
+    cfg = dict(presses=PRESSES, ratios=RATIOS, modes=["agnostic", "aware"])
+    alone = run_eval(tiny_model, tok, rows, EvalConfig(**cfg, batch=1), tmp_path / "a", progress=False)
+    together = run_eval(tiny_model, tok, rows, EvalConfig(**cfg, batch=batch), tmp_path / "b", progress=False)
+    key = lambda r: (r["index"], r["mode"], r["press"], r["ratio"])  # noqa: E731
+    assert {key(r): (r["pred"], r["new_tokens"]) for r in alone} == {
+        key(r): (r["pred"], r["new_tokens"]) for r in together
+    }
+    assert max(r["decode_rows"] for r in together) == min(batch, 9) and {r["decode_rows"] for r in alone} == {
+        1
+    }
+    with pytest.raises(runner.EvalError, match="batch"):
+        EvalConfig(**cfg, batch=0)
+
+
 def test_reprefill_gives_the_same_rows(tiny_model, tmp_path):
     tok, rows = ByteTokenizer(chat=False), _rows(1)
     presses = ["full", "adakv-snapkv", "h2o-obkv"]

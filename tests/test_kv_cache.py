@@ -83,6 +83,12 @@ def check(layer: LayerCache, tok: Tokens, expected: list[list[int]] | None = Non
             assert ids == expected[i]
     assert layer.lengths() == [[len(x) for x in ids_of(layer)[b * H : (b + 1) * H]] for b in range(B)]
     assert layer.n_invalid == sum(int((layer.segment(i)[2] < 0).sum()) for i in range(layer.n_segments))
+    # what the mutations keep up to date without reading the device: segment tensors, layout flag
+    start, length = layer.segment_tensors()
+    assert start.tolist() == layer.start and length.tolist() == layer.length
+    L, c = layer.length[0], layer.cap[0]
+    uniform = all(x == L for x in layer.length) and all(x == c for x in layer.cap)
+    assert layer.is_uniform() == (uniform and layer.start == [i * c for i in range(layer.n_segments)])
     # dense(): same contents, padded with pos -1 beyond each segment's length
     k, v, pos = layer.dense()
     a = layer.acc_dense("a")
@@ -186,6 +192,149 @@ def test_keep_rejects_bad_input():
         cache.layers[0].keep([torch.tensor([0])])
     with pytest.raises(IndexError, match="out of range"):
         cache.layers[0].keep([torch.tensor([4])] * (B * H))
+
+
+def test_remove_slots_equals_remove_slot_per_segment():
+    """The vectorized eviction (one slot of every segment) == remove_slot on each segment in turn."""
+    cache = KVCache.empty(1, B, H, D)
+    layer, tok = cache.layers[0], Tokens()
+    pos = cache.next_positions(6, n_pad=torch.tensor([1, 0]))
+    layer.append(*tok.new(pos), pos)
+    add_acc(layer, tok, lambda t: 0.25 * t)
+    layer.keep(
+        [torch.randperm(6, generator=torch.Generator().manual_seed(i))[: 2 + i % 3] for i in range(B * H)]
+    )
+    pos = cache.next_positions(1)
+    layer.append(*tok.new(pos), pos)  # spare capacity after each segment
+    ref = layer.copy()
+    slots = torch.tensor([i % L for i, L in enumerate(layer.length)])  # first, middle and last slots
+    layer.remove_slots(slots)
+    for i, slot in enumerate(slots.tolist()):
+        ref.remove_slot(i, slot)
+    assert ids_of(layer) == ids_of(ref) and layer.length == ref.length
+    check(layer, tok)
+    check(ref, tok)
+    assert layer.n_invalid == ref.n_invalid
+    with pytest.raises(IndexError, match="out of range"):
+        layer.remove_slots(torch.tensor(layer.length))
+    with pytest.raises(ValueError, match="slot indices"):
+        layer.remove_slots(torch.tensor([0]))
+    snap = cache.snapshot()
+    layer.remove_slots(torch.zeros(B * H, dtype=torch.long))
+    with pytest.raises(CacheError, match="evicted"):
+        cache.truncate_to(snap)
+
+
+def test_append_with_a_known_pad_count_reads_nothing():
+    """n_pad passed by the caller (as the model does) keeps n_invalid without counting."""
+    cache = KVCache.empty(1, B, H, D)
+    layer, tok = cache.layers[0], Tokens()
+    pos = cache.next_positions(5, n_pad=torch.tensor([2, 0]))
+    layer.append(*tok.new(pos), pos, n_pad=2)
+    assert layer.n_invalid == 2 * H and not layer.known_no_pads()
+    other = KVCache.empty(1, B, H, D)
+    pos = other.next_positions(5)
+    other.layers[0].append(*tok.new(pos), pos, n_pad=0)
+    other.layers[0].keep([torch.tensor([0, 4])] * (B * H))  # removals keep a count of 0 without a recount
+    pos = other.next_positions(1)
+    other.layers[0].append(*tok.new(pos), pos, n_pad=0)
+    assert other.layers[0].known_no_pads() and count_invalid(other.layers[0]) == 0
+
+
+# ---------------------------------------------------------------- stacking caches into one batch
+def single_rows(seed: int = 40) -> list[KVCache]:
+    """Three one-row caches: uniform, ragged (with an accumulator), ragged with a pad slot kept."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, n_pad, keep in [
+        (6, 0, None),
+        (9, 0, ([0, 3, 8], [1, 2, 4, 5, 6, 7, 8], [8])),
+        (7, 2, ([0, 2, 6], [5], [1, 3, 4, 6])),
+    ]:
+        c = KVCache.empty(2, 1, H, D)
+        pos = c.next_positions(n, torch.tensor([n_pad]) if n_pad else None)
+        for layer in c.layers:
+            layer.append(torch.randn(1, H, n, D, generator=g), torch.randn(1, H, n, D, generator=g), pos)
+            if keep is not None:
+                layer.keep([torch.tensor(s) for s in keep])
+        if keep is not None and n_pad == 0:
+            c.layers[1].add_to_accumulator("a", torch.rand(1, H, 7, generator=g))
+        out.append(c)
+    return out
+
+
+def test_cat_rows_stacks_segments_counters_and_accumulators():
+    parts = single_rows()
+    before = [
+        [[x.clone() for x in (lc.k, lc.v, lc.pos)] + [list(lc.length)] for lc in p.layers] for p in parts
+    ]
+    has_acc = [[("a" in lc.acc) for lc in p.layers] for p in parts]
+    snap = parts[0].snapshot()
+    both = KVCache.cat_rows(parts)
+    assert both.batch == 3 and both.seen.tolist() == [int(p.seen[0]) for p in parts]
+    for li, layer in enumerate(both.layers):
+        assert layer.batch == 3 and layer.nbytes() == sum(layer.length) * 2 * D * 4  # exactly the slots
+        assert layer.n_invalid == sum(p.layers[li].n_invalid for p in parts)
+        assert ("a" in layer.acc) == any(h[li] for h in has_acc)  # layer 1 only
+        for b, p in enumerate(parts):
+            src = p.layers[li]
+            for h in range(H):
+                for x, y in zip(layer.segment(b * H + h), src.segment(h), strict=True):
+                    assert torch.equal(x, y)
+                if "a" in layer.acc:
+                    s, L = layer.start[b * H + h], layer.length[b * H + h]
+                    want = src.acc["a"][src.start[h] : src.start[h] + L] if "a" in src.acc else torch.zeros(L)
+                    assert torch.equal(layer.acc["a"][s : s + L], want)
+        start, length = layer.segment_tensors()
+        assert start.tolist() == layer.start and length.tolist() == layer.length
+    for p, was in zip(parts, before, strict=True):  # the parts are untouched
+        for lc, (k, v, pos, lengths) in zip(p.layers, was, strict=True):
+            assert torch.equal(lc.k, k) and torch.equal(lc.v, v) and torch.equal(lc.pos, pos)
+            assert lc.length == lengths
+    with pytest.raises(CacheError):
+        both.truncate_to(snap)  # a snapshot of a part does not apply to the stack
+    pos = both.next_positions(2)  # the stack grows like any ragged cache
+    for layer in both.layers:
+        layer.append(torch.randn(3, H, 2, D), torch.randn(3, H, 2, D), pos)
+    assert both.seen.tolist() == [int(p.seen[0]) + 2 for p in parts]
+    new_pos = [both.layers[0].segment(b * H + h)[2][-2:].tolist() for b in range(3) for h in range(H)]
+    assert new_pos == [[int(p.seen[0]) + t for t in (0, 1)] for p in parts for _ in range(H)]
+    with pytest.raises(ValueError, match="rows"):
+        both.layers[0].append(torch.randn(2, H, 1, D), torch.randn(2, H, 1, D), pos[:2, :1])
+    with pytest.raises(ValueError, match="layers"):
+        KVCache.cat_rows([parts[0], KVCache.empty(1, 1, H, D)])
+    with pytest.raises(ValueError, match="KV heads"):
+        KVCache.cat_rows([parts[0], KVCache.empty(2, 1, H + 1, D)])
+    with pytest.raises(ValueError, match="at least one"):
+        KVCache.cat_rows([])
+
+
+@torch.inference_mode()
+def test_decoding_stacked_caches_equals_decoding_each_alone(tiny_llama_dir):
+    """Caches compressed by different presses from prompts of different lengths, decoded as one batch:
+    every row's logits equal its cache decoded alone (float32 rounding), and so do the greedy tokens."""
+    model = load_model(tiny_llama_dir)
+    g = torch.Generator().manual_seed(42)
+    parts, first = [], []
+    for n, name in [(50, "adakv-snapkv-obk"), (37, "snapkv"), (61, "adakv-snapkv"), (20, "full")]:
+        ids = torch.randint(3, model.cfg.vocab_size, (1, n), generator=g)
+        cache = model.new_cache()
+        press = make_press(name, compression_ratio=0.5)
+        logits = model(ids, cache, observer=press.prefill_observer(), last_only=True)
+        parts.append(cache)
+        first.append(int(logits[0, -1].argmax()))
+    assert not all(layer.is_uniform() for layer in parts[0].layers)  # AdaKV: ragged heads
+    alone = [p.fork() for p in parts]
+    both = KVCache.cat_rows(parts)
+    tok_b = torch.tensor(first)[:, None]
+    tok_a = [torch.tensor([[t]]) for t in first]
+    for _ in range(12):
+        lb = model(tok_b, both)[:, -1]
+        la = torch.cat([model(t, c)[:, -1] for t, c in zip(tok_a, alone, strict=True)])
+        torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+        tok_b = lb.argmax(-1, keepdim=True)
+        tok_a = [x[None, None] for x in la.argmax(-1)]
+        assert tok_b[:, 0].tolist() == [int(t) for t in tok_a]
 
 
 # ---------------------------------------------------------------- memory accounting

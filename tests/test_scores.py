@@ -6,6 +6,7 @@ import pytest
 import torch
 from spec_vectors import EX2_K, EX2_Q, EX2_V
 
+import obinfer.cache.scores as scores_module
 from obinfer.cache.scores import (
     SCORES,
     ScoreInputs,
@@ -265,6 +266,103 @@ def test_obkv_is_obv_plus_obk_plus_cross_term(gqa):
     cross = (2 * tm.A.square() * tm.z * (tm.v2 - tm.vo)).sum((2, 3))
     valid = inp.valid
     torch.testing.assert_close(obkv(inp)[valid], (obv(inp) + obk(inp) + cross)[valid], rtol=1e-4, atol=1e-5)
+
+
+def per_term(name: str, inp: ScoreInputs) -> torch.Tensor:
+    """The spec's per-(h, i, p) expansion, clamped per term (docs/scores.md section 2), then summed."""
+    t = inp.terms
+    if name == "obv":
+        term = t.A.square() * t.v2
+    elif name == "obk":
+        term = (t.A * t.z).square() * (t.v2 + t.o2 - 2 * t.vo).clamp_min(0)
+    else:
+        z1 = 1 + t.z
+        term = t.A.square() * (z1.square() * t.v2 + t.z.square() * t.o2 - 2 * t.z * z1 * t.vo).clamp_min(0)
+    return reduce_term(inp, term)
+
+
+@pytest.mark.parametrize("gqa", ["sum", "pre"])
+@pytest.mark.parametrize("name", ["obv", "obk", "obkv"])
+def test_factored_scores_equal_the_per_term_expansion(name, gqa):
+    """The OBCache scores reduce over the queries before the slots (three matmul-shaped sums instead of a
+    (W, n) tensor of <v_p, o_i>): equal in exact arithmetic to summing the clamped per-term expansion."""
+    for seed in range(3):
+        inp = random_inputs(gqa, seed=seed)
+        torch.testing.assert_close(get_score(name)(inp), per_term(name, inp), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["obv", "obk", "obkv"])
+def test_factored_scores_on_peaked_attention(name):
+    """Large logits (nearly one-hot attention, so o_i is close to one v_p) and values sharing an offset:
+    the cancellation in the expanded ||v - o||^2 stays at float32 level, relative to the largest score."""
+    for seed in (5, 6, 7):
+        base = random_inputs("sum", seed=seed)
+        inp = ScoreInputs(base.q * 6, base.k, base.v * 2 + 1, base.q_pos, base.k_pos)
+        ref, got = reference(name, inp), get_score(name)(inp).double()
+        valid = inp.valid
+        assert float((got - ref)[valid].abs().max() / ref[valid].abs().max()) < 1e-4
+
+
+def ordered_inputs(q_pos: list[list[int]], n: int, first: int = 0, seed: int = 4) -> ScoreInputs:
+    """Slots in position order (first, first + 1, ...), as after a prefill; queries at the given positions."""
+    g = torch.Generator().manual_seed(seed)
+    B, W, Hq, Hkv, D = len(q_pos), len(q_pos[0]), 4, 2, 8
+    q = torch.randn(B, Hq, W, D, generator=g)
+    k, v = torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
+    qp = torch.tensor(q_pos)
+    q[(qp < 0)[:, None, :].expand(B, Hq, W)] = float("nan")  # padding queries hold garbage
+    return ScoreInputs(q, k, v, qp, torch.arange(first, first + n).expand(B, Hkv, n))
+
+
+@pytest.mark.parametrize(
+    "q_pos, first",
+    [
+        ([[6, 7, 8, 9], [-1, 7, 8, 9]], 0),  # a window at the end; a padding query in row 1
+        ([[9], [9]], 0),  # one last query that sees every slot: nothing is masked
+        ([[1, 7, 8, 9], [6, 7, 8, 9]], 3),  # query 0 of row 0 precedes every slot
+    ],
+)
+def test_visibility_of_ordered_slots(q_pos, first):
+    """Only slots that some real query cannot see are masked (the tail of the window); queries that see
+    nothing get rows of zeros; the logits are left as they were; every score matches the loop reference."""
+    inp = ordered_inputs(q_pos, 10, first)
+    A = inp.A.view(2, 2, 2, len(q_pos[0]), 10)
+    sees = inp.visible.any(-1)[:, :, None].expand(A.shape[:4])
+    assert torch.isfinite(A).all() and (A * ~inp.visible[:, :, None]).eq(0).all()
+    torch.testing.assert_close(A.sum(-1)[sees], torch.ones(int(sees.sum())))
+    assert (A.sum(-1)[~sees] == 0).all()
+    qs = inp.q.float().nan_to_num(0.0).view(2, 2, -1, 8) / math.sqrt(8)
+    logits = (qs @ inp.k.transpose(-1, -2)).view(A.shape)
+    torch.testing.assert_close(inp._zraw, logits)  # restored after the masked softmax
+    for name in SCORE_NAMES:
+        torch.testing.assert_close(get_score(name)(inp), reference(name, inp).float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCORE_NAMES)
+def test_chunked_causal_prefix_equals_unchunked(name, monkeypatch):
+    """H2O's layout (every query of a prefill, the slots its positions): chunks of any size, fixed or
+    automatic, give the unchunked scores; automatic chunks stay within CHUNK_ELEMENTS."""
+    n = 23
+    inp = ordered_inputs([list(range(n))], n)
+    q, q_pos, k, v, k_pos = inp.q, inp.q_pos, inp.k, inp.v, inp.k_pos
+    full = get_score(name)(inp)
+    seen: list[tuple[int, int]] = []
+
+    class Recording(ScoreInputs):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            seen.append((self.q.shape[2], self.k.shape[2]))
+
+    monkeypatch.setattr(scores_module, "ScoreInputs", Recording)
+    monkeypatch.setattr(scores_module, "CHUNK_ELEMENTS", 4 * 40)  # Hq = 4: 40 (query, slot) pairs
+    for chunk in (1, 5, None):
+        seen.clear()
+        got = score_queries_chunked(name, q, q_pos, k, v, k_pos, chunk=chunk, causal_prefix=True)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+        assert sum(w for w, _ in seen) == n
+        if chunk is None:
+            assert all(w * s <= 40 or w == 1 for w, s in seen) and seen[0][0] > seen[-1][0] > 0
+            assert len(seen) < n  # several queries per chunk, more of them early on
 
 
 def test_attention_rows_and_padding_query():

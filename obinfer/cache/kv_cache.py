@@ -69,6 +69,15 @@ class CacheError(ObinferError):
     """A cache operation that would leave the cache inconsistent (e.g. truncating across an eviction)."""
 
 
+def host_tensor(values: Sequence, device: torch.device) -> Tensor:
+    """A small long tensor from host ints on `device`, copied without waiting for the device (an
+    accelerator gets it from pinned memory, non-blocking; a blocking copy would wait for queued work)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def headroom(length: int) -> int:
     """Extra slots reserved when a segment of `length` slots outgrows its capacity while decoding.
 
@@ -96,11 +105,16 @@ class LayerCache:
         is_uniform(): every segment has the same length, laid out as (B, Hkv, cap, D);
         segment(i): views (k, v, pos) of segment i = b * Hkv + h;
         dense(): (k, v, pos) as (B, Hkv, S, D) -- a view when uniform, a padded copy otherwise;
-        n_invalid: pad slots (pos -1) in use;
+        n_invalid: pad slots (pos -1) in use; known_no_pads(): n_invalid is known to be 0 (no count);
+        segment_tensors(): (start, length) of every segment as (n_segments,) long tensors on the device;
         acc_dense(name): accumulator `name` in the layout of dense().
 
-    Every mutation (append, keep, remove_slot, truncate_to) ends in `_changed`, the one place that
-    invalidates what is derived from the storage (n_invalid) and moves the version.
+    What is derived from the storage is kept up to date by the mutations themselves, without reading
+    the device: `n_invalid` (counted on the new positions only, or passed by the caller; unknown, and
+    recounted on the next read, only after removing slots from a layer that holds pad slots), the
+    layout flag of `is_uniform()` and the segment tensors (updated on the device when lengths move,
+    rebuilt from the host lists after a re-layout). Removals (keep, remove_slot, remove_slots) and
+    truncations move the version through `_changed`.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
@@ -111,7 +125,12 @@ class LayerCache:
         self.acc: dict[str, Tensor] = {}
         n = batch * n_kv_heads
         self.start, self.length, self.cap = [0] * n, [0] * n, [0] * n
-        self._n_invalid: int | None = 0  # cached count of pad slots in use; None = recount from pos
+        self._n_invalid: int | None = 0  # count of pad slots in use; None = recount from pos on next read
+        self._uniform: bool | None = True  # cached is_uniform(); None = recompute from the lists
+        # start and length as device tensors (None: rebuilt from the lists on next use). Never modified
+        # in place, so copies may share them.
+        self._start_t: Tensor | None = None
+        self._len_t: Tensor | None = None
         # Versions whose contents the current contents extend by appends only, oldest first; the last
         # one is the current version. A snapshot of version v can be restored iff v is in this list.
         self._history: list[int] = [next(_versions)]
@@ -127,14 +146,30 @@ class LayerCache:
 
     @property
     def n_invalid(self) -> int:
-        """Pad slots (pos -1) among the slots in use, counted from `pos` once after each mutation."""
+        """Pad slots (pos -1) among the slots in use.
+
+        Kept up to date by the mutations; counted from `pos` (a device read) only when unknown, i.e.
+        after slots were removed from a layer that held pad slots.
+        """
         if self._n_invalid is None:
-            if self.is_uniform():
-                pos = self._to_dense(self.pos, -1)
-            else:
-                pos = torch.cat([self.segment(i)[2] for i in range(self.n_segments)])
-            self._n_invalid = int((pos < 0).sum())
+            self._n_invalid = int((self._to_dense(self.pos, 0) < 0).sum())  # dense padding 0: not counted
         return self._n_invalid
+
+    def known_no_pads(self) -> bool:
+        """True when the layer is known to hold no pad slot (never reads the device)."""
+        return self._n_invalid == 0
+
+    def segment_tensors(self) -> tuple[Tensor, Tensor]:
+        """(start, length): (n_segments,) long tensors on the device, segment i = b * Hkv + h.
+
+        Read-only (shared with copies of the layer). Built from the host lists after a re-layout and
+        updated on the device when only lengths move, so a decode step does not copy them again.
+        """
+        if self._start_t is None:
+            self._start_t = host_tensor(self.start, self.k.device)
+        if self._len_t is None:
+            self._len_t = host_tensor(self.length, self.k.device)
+        return self._start_t, self._len_t
 
     def lengths(self) -> list[list[int]]:
         """Slots in use, as [row][head]."""
@@ -143,12 +178,14 @@ class LayerCache:
 
     def is_uniform(self) -> bool:
         """True when every segment has the same length and capacity in a (B, Hkv, cap, D) layout."""
-        L, c = self.length[0], self.cap[0]
-        return (
-            all(x == L for x in self.length)
-            and all(x == c for x in self.cap)
-            and all(s == i * c for i, s in enumerate(self.start))
-        )
+        if self._uniform is None:
+            L, c = self.length[0], self.cap[0]
+            self._uniform = (
+                all(x == L for x in self.length)
+                and all(x == c for x in self.cap)
+                and all(s == i * c for i, s in enumerate(self.start))
+            )
+        return self._uniform
 
     def segment(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """Views (k (L, D), v (L, D), pos (L,)) of segment i = b * Hkv + h. No copy."""
@@ -171,48 +208,60 @@ class LayerCache:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     # ----------------------------------------------------------------------------- layout helpers
-    # The only two places that tell the uniform layout from the ragged one.
+    # The only places that tell the uniform layout from the ragged one. The ragged versions are one
+    # gather / scatter over index tensors built on the device (no loop over segments, no device read).
+    def _dense_index(self) -> tuple[Tensor, Tensor]:
+        """(idx, valid), both (n_segments, S) with S the longest segment: idx[i, j] is the flat slot of
+        slot j of segment i where valid[i, j] (j < length[i]), and 0 (any slot) elsewhere."""
+        start, length = self.segment_tensors()
+        ar = torch.arange(max(self.length), device=start.device)
+        valid = ar < length[:, None]
+        return torch.where(valid, start[:, None] + ar, 0), valid
+
     def _to_dense(self, buf: Tensor, fill: float | int) -> Tensor:
         """A flat buffer (N, *rest) as (B, Hkv, S, *rest): a view when uniform, else a copy padded with fill."""
         B, H, rest = self.batch, self.n_kv_heads, buf.shape[1:]
         if self.is_uniform():
             return buf.view(B, H, self.cap[0], *rest)[:, :, : self.length[0]]
-        out = buf.new_full((B * H, max(self.length), *rest), fill)
-        for i in range(self.n_segments):
-            s, L = self.start[i], self.length[i]
-            out[i, :L] = buf[s : s + L]
+        idx, valid = self._dense_index()
+        out = buf[idx]  # (n_segments, S, *rest)
+        out = torch.where(
+            valid.view(*valid.shape, *([1] * len(rest))), out, torch.tensor(fill, dtype=buf.dtype)
+        )
         return out.view(B, H, -1, *rest)
 
-    def _write(
-        self, buf: Tensor, values: Tensor, at: Sequence[int], n: Sequence[int], add: bool = False
-    ) -> None:
-        """Segment i gets values[b, h, :n[i]] at its slots at[i] : at[i] + n[i] (added instead when add).
+    def _write_new(self, buf: Tensor, values: Tensor, dst: Tensor | None) -> None:
+        """Segment i gets values[b, h] (T slots) right after its last slot in use (capacity is there).
 
-        values: (B, Hkv, >= max(n), *rest), e.g. new keys (B, Hkv, T, D) or dense-layout scores (B, Hkv, S).
+        values: (B, Hkv, T, *rest), e.g. new keys (B, Hkv, T, D) or positions (B, Hkv, T).
+        dst: None when uniform, else the (B * Hkv * T,) flat slots to write, from `_new_slots`.
         """
-        B, H = self.batch, self.n_kv_heads
-        if self.is_uniform() and all(a == at[0] for a in at) and all(m == n[0] for m in n):
-            a, m = at[0], n[0]
-            dst = buf.view(B, H, self.cap[0], *buf.shape[1:])[:, :, a : a + m]
-            if add:
-                dst += values[:, :, :m]
-            else:
-                dst[...] = values[:, :, :m]
+        B, H, T = values.shape[:3]
+        if dst is None:
+            a = self.length[0]
+            buf.view(B, H, self.cap[0], *buf.shape[1:])[:, :, a : a + T] = values
             return
-        for i in range(self.n_segments):
-            b, h = divmod(i, H)
-            s = self.start[i] + at[i]
-            if add:
-                buf[s : s + n[i]] += values[b, h, : n[i]]
-            else:
-                buf[s : s + n[i]] = values[b, h, : n[i]]
+        buf.index_copy_(0, dst, values.reshape(B * H * T, *values.shape[3:]).to(buf.dtype))
+
+    def _new_slots(self, T: int) -> Tensor | None:
+        """The flat slots of T tokens appended to every segment, in (b, h, t) order; None when uniform."""
+        if self.is_uniform():
+            return None
+        start, length = self.segment_tensors()
+        return ((start + length)[:, None] + torch.arange(T, device=start.device)).view(-1)
 
     # ----------------------------------------------------------------------------- mutations
     def _changed(self, removed: bool) -> None:
-        """Called by every mutation: n_invalid is recounted on next read; a removal starts a new version."""
-        self._n_invalid = None
+        """Called by every removal and truncation: a removal starts a new version. Slots leave the layer,
+        so a count of 0 pad slots stays 0; any other count is recounted on next read."""
+        if self._n_invalid != 0:
+            self._n_invalid = None
         if removed:
             self._history = [next(_versions)]
+
+    def _relayout(self) -> None:
+        """start / cap (and maybe length) were replaced: derived layout state is rebuilt on next use."""
+        self._uniform, self._start_t, self._len_t = None, None, None
 
     def _reallocate(self, new_cap: Sequence[int]) -> None:
         """Move every segment into fresh buffers with capacities `new_cap` (>= current lengths)."""
@@ -220,9 +269,13 @@ class LayerCache:
         for c in new_cap:
             starts.append(total)
             total += c
-        src = torch.cat([torch.arange(s, s + L) for s, L in zip(self.start, self.length, strict=True)])
-        dst = torch.cat([torch.arange(s, s + L) for s, L in zip(starts, self.length, strict=True)])
-        src, dst = src.to(self.k.device), dst.to(self.k.device)
+        # every slot in use, segment by segment: its segment and its index inside it, built on the device
+        start, length = self.segment_tensors()
+        dev, n_used = start.device, sum(self.length)
+        seg = torch.repeat_interleave(torch.arange(self.n_segments, device=dev), length, output_size=n_used)
+        first = torch.cumsum(length, 0) - length  # (n_segments,) where each segment's run begins
+        within = torch.arange(n_used, device=dev) - first[seg]
+        src, dst = start[seg] + within, host_tensor(starts, dev)[seg] + within
 
         def move(buf: Tensor, fill: float | int = 0) -> Tensor:
             out = buf.new_full((total, *buf.shape[1:]), fill)
@@ -232,34 +285,50 @@ class LayerCache:
         self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
         self.acc = {name: move(a) for name, a in self.acc.items()}
         self.start, self.cap = starts, list(new_cap)
+        len_t = self._len_t
+        self._relayout()
+        self._len_t = len_t  # lengths did not move
 
-    def append(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+    def append(self, k: Tensor, v: Tensor, pos: Tensor, n_pad: int | None = None) -> None:
         """Append T new tokens to every segment (their slots are the last T of each segment).
 
         Args:
             k, v: (B, Hkv, T, D) keys (after RoPE) and values.
             pos: (B, T) absolute positions; -1 for left-padding tokens.
+            n_pad: the number of -1 entries in `pos`, if the caller knows it (the model passes 0 when it
+                did not left-pad); None counts them, which reads the device.
         """
         B, H, T, D = k.shape
+        if (B, H, D) != (self.batch, self.n_kv_heads, self.head_dim):
+            raise ValueError(
+                f"append: keys of {B} rows x {H} KV heads x head dim {D}, the layer holds "
+                f"{self.batch} rows x {self.n_kv_heads} x {self.head_dim}"
+            )
+        if n_pad is None and self._n_invalid is not None:
+            n_pad = int((pos < 0).sum())
         if self.k.numel() == 0 and sum(self.length) == 0:  # first fill: allocate exactly, uniform layout
             self.k = k.reshape(B * H * T, D).to(self.k.dtype).clone()
             self.v = v.reshape(B * H * T, D).to(self.v.dtype).clone()
             self.pos = pos[:, None, :].expand(B, H, T).reshape(-1).clone()
             self.start, self.length, self.cap = [i * T for i in range(B * H)], [T] * (B * H), [T] * (B * H)
             self.acc = {name: torch.zeros(B * H * T, device=self.k.device) for name in self.acc}
+            self._relayout()
         else:
             if any(L + T > c for L, c in zip(self.length, self.cap, strict=True)):
                 self._reallocate(
                     [max(c, L + T + headroom(L + T)) for L, c in zip(self.length, self.cap, strict=True)]
                 )
-            at, n = list(self.length), [T] * self.n_segments
-            self._write(self.k, k, at, n)
-            self._write(self.v, v, at, n)
-            self._write(self.pos, pos[:, None, :].expand(B, H, T), at, n)
+            dst = self._new_slots(T)
+            self._write_new(self.k, k, dst)
+            self._write_new(self.v, v, dst)
+            self._write_new(self.pos, pos[:, None, :].expand(B, H, T), dst)
             for a in self.acc.values():
-                self._write(a, a.new_zeros(B, H, T), at, n)
+                self._write_new(a, a.new_zeros(B, H, T), dst)
             self.length = [L + T for L in self.length]
-        self._changed(removed=False)
+            if self._len_t is not None:
+                self._len_t = self._len_t + T
+        if self._n_invalid is not None and n_pad is not None:
+            self._n_invalid += n_pad * H
 
     def keep(self, slots: Sequence[Tensor]) -> None:
         """Compact: segment i keeps the slots `slots[i]` (indices into the segment, in the given order).
@@ -268,18 +337,29 @@ class LayerCache:
         """
         if len(slots) != self.n_segments:
             raise ValueError(f"keep() needs {self.n_segments} index tensors, got {len(slots)}")
-        idx = [s.to(device=self.k.device, dtype=torch.long) for s in slots]
-        for i, ix in enumerate(idx):
-            if len(ix) and (int(ix.min()) < 0 or int(ix.max()) >= self.length[i]):
-                raise IndexError(f"segment {i}: slot index out of range [0, {self.length[i]})")
-        gather = torch.cat([ix + s for ix, s in zip(idx, self.start, strict=True)])
+        dev = self.k.device
+        n = [len(s) for s in slots]
+        local = torch.cat([s.to(device=dev, dtype=torch.long).reshape(-1) for s in slots])
+        counts = host_tensor(n, dev)
+        start, length = self.segment_tensors()
+        bound = torch.repeat_interleave(length, counts, output_size=len(local))
+        if len(local) and bool(((local < 0) | (local >= bound)).any()):  # one device read for all segments
+            i = next(
+                i
+                for i, s in enumerate(slots)
+                if len(s) and (int(s.min()) < 0 or int(s.max()) >= self.length[i])
+            )
+            raise IndexError(f"segment {i}: slot index out of range [0, {self.length[i]})")
+        gather = local + torch.repeat_interleave(start, counts, output_size=len(local))
         self.k, self.v, self.pos = self.k[gather], self.v[gather], self.pos[gather]
         self.acc = {name: a[gather] for name, a in self.acc.items()}
-        self.length = [len(ix) for ix in idx]
+        self.length = n
         self.cap = list(self.length)
         self.start = [0] * self.n_segments
         for i in range(1, self.n_segments):
             self.start[i] = self.start[i - 1] + self.length[i - 1]
+        self._relayout()
+        self._len_t = counts
         self._changed(removed=True)
 
     def remove_slot(self, i: int, slot: int) -> None:
@@ -292,6 +372,36 @@ class LayerCache:
             for buf in (self.k, self.v, self.pos, *self.acc.values()):
                 buf[s + slot] = buf[last]
         self.length[i] = L - 1
+        self._uniform = None
+        if self._len_t is not None:
+            len_t = self._len_t.clone()  # never in place: copies of the layer may share it
+            len_t[i] -= 1
+            self._len_t = len_t
+        self._changed(removed=True)
+
+    def remove_slots(self, slots: Tensor) -> None:
+        """Evict one slot of every segment at once: slots (n_segments,) long, slot slots[i] of segment i.
+
+        The vectorized `remove_slot` (the common decode-time eviction: one token in, one out per head):
+        each segment's last slot moves into its freed one, with no loop over segments and no device
+        read. Every segment must hold at least one slot; the indices are checked only on the CPU.
+        """
+        if slots.shape != (self.n_segments,):
+            raise ValueError(
+                f"remove_slots() needs {self.n_segments} slot indices, got shape {tuple(slots.shape)}"
+            )
+        if min(self.length) < 1:
+            raise IndexError("remove_slots(): every segment must hold a slot")
+        start, length = self.segment_tensors()
+        slots = slots.to(device=self.k.device, dtype=torch.long)
+        if slots.device.type == "cpu" and bool(((slots < 0) | (slots >= length)).any()):
+            i = int(((slots < 0) | (slots >= length)).nonzero()[0])
+            raise IndexError(f"segment {i}: slot {int(slots[i])} out of range [0, {self.length[i]})")
+        dst, src = start + slots, start + length - 1
+        for buf in (self.k, self.v, self.pos, *self.acc.values()):
+            buf.index_copy_(0, dst, buf[src])
+        self.length = [L - 1 for L in self.length]
+        self._len_t = length - 1
         self._changed(removed=True)
 
     def checkpoint(self) -> int:
@@ -320,6 +430,7 @@ class LayerCache:
             raise CacheError(f"cannot truncate this layer to version {version}: {why}")
         del self._history[self._history.index(version) + 1 :]  # later snapshots are gone for good
         self.length = list(lengths)
+        self._uniform, self._len_t = None, None
         self._changed(removed=False)
 
     def accumulator(self, name: str) -> Tensor:
@@ -329,8 +440,59 @@ class LayerCache:
         return self.acc[name]
 
     def add_to_accumulator(self, name: str, values: Tensor) -> None:
-        """Add `values` (B, Hkv, S) in `dense()` layout to accumulator `name`."""
-        self._write(self.accumulator(name), values, [0] * self.n_segments, self.length, add=True)
+        """Add `values` (B, Hkv, S) in `dense()` layout to accumulator `name` (S >= the longest segment)."""
+        acc, B, H = self.accumulator(name), self.batch, self.n_kv_heads
+        if self.is_uniform():
+            L = self.length[0]
+            acc.view(B, H, self.cap[0])[:, :, :L] += values[:, :, :L]
+            return
+        idx, valid = self._dense_index()
+        vals = values.reshape(self.n_segments, -1)[:, : idx.shape[1]].to(acc.dtype)
+        acc.index_add_(0, idx.view(-1), torch.where(valid, vals, 0.0).view(-1))  # padding adds 0 to slot 0
+
+    @classmethod
+    def cat_rows(cls, layers: Sequence[LayerCache]) -> LayerCache:
+        """The rows of `layers` (same heads, head dim, dtype, device) stacked into one layer, in order.
+
+        Segments keep their own lengths and slot order (ragged layers included); buffers hold exactly the
+        slots in use (like `keep`). Accumulators are carried over (zeros for a layer that lacks one).
+        The result has a fresh version: it cannot be truncated to a snapshot of its parts.
+        """
+        if not layers:
+            raise ValueError("cat_rows needs at least one layer")
+        first = layers[0]
+        H, D, dtype, dev = first.n_kv_heads, first.head_dim, first.k.dtype, first.k.device
+        for x in layers:
+            if (x.n_kv_heads, x.head_dim, x.k.dtype, x.k.device) != (H, D, dtype, dev):
+                raise ValueError(
+                    f"cat_rows: a layer of {x.n_kv_heads} KV heads x {x.head_dim} ({x.k.dtype}, {x.k.device}) "
+                    f"does not stack with one of {H} x {D} ({dtype}, {dev})"
+                )
+        out = cls(sum(x.batch for x in layers), H, D, dtype, dev)
+        idx = [x._dense_index() for x in layers]
+        used = [ix[va] for x, (ix, va) in zip(layers, idx, strict=True)]  # in-use slots, segment order
+        out.k = torch.cat([x.k[u] for x, u in zip(layers, used, strict=True)])
+        out.v = torch.cat([x.v[u] for x, u in zip(layers, used, strict=True)])
+        out.pos = torch.cat([x.pos[u] for x, u in zip(layers, used, strict=True)])
+        names = dict.fromkeys(name for x in layers for name in x.acc)
+        out.acc = {
+            name: torch.cat(
+                [
+                    x.acc[name][u] if name in x.acc else torch.zeros(len(u), device=dev)
+                    for x, u in zip(layers, used, strict=True)
+                ]
+            )
+            for name in names
+        }
+        out.length = [L for x in layers for L in x.length]
+        out.cap = list(out.length)
+        out.start = [0] * out.n_segments
+        for i in range(1, out.n_segments):
+            out.start[i] = out.start[i - 1] + out.length[i - 1]
+        counts = [x._n_invalid for x in layers]
+        out._n_invalid = None if None in counts else sum(counts)
+        out._relayout()
+        return out
 
     def copy(self) -> LayerCache:
         """A deep copy (same version history: the copy can be truncated to the original's snapshots)."""
@@ -425,6 +587,35 @@ class KVCache:
                 rows.append(heads)
             out.append(rows)
         return out
+
+    @classmethod
+    def cat_rows(cls, caches: Sequence[KVCache]) -> KVCache:
+        """Several caches' rows as one batch, in order: e.g. single-row caches compressed by different
+        presses (ragged or not, different lengths per head and different position counters) decoded
+        together. Each row's attention, positions and eviction are those of its own cache.
+
+            >>> a, b = KVCache.empty(1, 1, 2, 4), KVCache.empty(1, 1, 2, 4)
+            >>> a.layers[0].append(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4), a.next_positions(5))
+            >>> b.layers[0].append(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), b.next_positions(3))
+            >>> a.layers[0].keep([torch.tensor([0, 4]), torch.tensor([1, 2, 3])])
+            >>> both = KVCache.cat_rows([a, b])
+            >>> both.layers[0].lengths(), both.seen.tolist()
+            ([[2, 3], [3, 3]], [5, 3])
+
+        The parts are not modified (their K/V are copied). Raises ValueError if the caches differ in
+        layers, KV heads, head dim, dtype or device. Snapshots of the parts do not apply to the result.
+        """
+        if not caches:
+            raise ValueError("cat_rows needs at least one cache")
+        n_layers = {len(c.layers) for c in caches}
+        if len(n_layers) != 1:
+            raise ValueError(f"cat_rows: the caches have different numbers of layers {sorted(n_layers)}")
+        new = KVCache.__new__(KVCache)
+        new.layers = [
+            LayerCache.cat_rows([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))
+        ]
+        new.seen = torch.cat([c.seen for c in caches])
+        return new
 
     def fork(self) -> KVCache:
         """A deep copy (for trying several presses on one prefill). It can be truncated to snapshots of

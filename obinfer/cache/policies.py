@@ -278,7 +278,8 @@ class H2O(Policy):
     prompt simply protects the whole prompt).
     `normalize="visible"`: divide each key's prefill sum by the number of queries that see it and use
     no recent window (kvpress ObservedAttentionPress, prefill only).
-    `chunk`: queries scored at once (memory, not results).
+    `chunk`: queries scored at once (memory and speed, not results); None (default): sized by
+    `score_queries_chunked` to keep each chunk's temporaries small.
 
     State: the per-slot sums live in the layer's accumulator `acc_name` (`update_state`), so decoding
     steps keep adding to them; `score` returns the plain sums and `protect` applies the normalisation.
@@ -288,13 +289,13 @@ class H2O(Policy):
     decode_time = True
     recent: int | None = None
     normalize: str = "none"  # or "visible"
-    chunk: int = 256
+    chunk: int | None = None
     acc_name: str = field(default="h2o", repr=False)
 
     def __post_init__(self) -> None:
         check_int(self.name, "recent", self.recent, 0, allow_none=True)
         check_choice(self.name, "normalize", self.normalize, ("none", "visible"))
-        check_int(self.name, "chunk", self.chunk, 1)
+        check_int(self.name, "chunk", self.chunk, 1, allow_none=True)
         if not isinstance(self.acc_name, str) or not self.acc_name:
             raise PressError(f"h2o option acc_name must be a non-empty string, got {_show(self.acc_name)}")
 

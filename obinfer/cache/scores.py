@@ -121,18 +121,27 @@ class ScoreInputs:
 
     @cached_property
     def _kv32(self) -> tuple[Tensor, Tensor]:
-        invalid = ~self.valid[..., None]
-        return self.k.float().masked_fill(invalid, 0.0), self.v.float().masked_fill(invalid, 0.0)
+        """k, v in float32 with invalid slots zeroed (no copy when every slot is valid and already float32)."""
+        k, v = self.k.float(), self.v.float()
+        if not bool(self.valid.all()):
+            invalid = ~self.valid[..., None]
+            k, v = k.masked_fill(invalid, 0.0), v.masked_fill(invalid, 0.0)
+        return k, v
+
+    @cached_property
+    def _qs(self) -> Tensor:
+        """(B, Hkv, G * W, D) float32 queries grouped by KV head, scaled by 1 / sqrt(D); padding queries 0."""
+        B, Hq, W, D = self.q.shape
+        q = self.q.float().masked_fill((self.q_pos < 0)[:, None, :, None], 0.0)  # padding: 0, not garbage
+        return (q * (1.0 / math.sqrt(D))).reshape(B, self.k.shape[1], self.group * W, D)
 
     @cached_property
     def _zraw(self) -> Tensor:
-        """(B, Hkv, G, W, n) logits for every (query, slot), visible or not (finite: invalid slots are 0)."""
-        B, Hq, W, D = self.q.shape
-        q = self.q.float().masked_fill(
-            (self.q_pos < 0)[:, None, :, None], 0.0
-        )  # padding queries: 0, not garbage
-        qg = q.reshape(B, -1, self.group, W, D) * (1.0 / math.sqrt(D))
-        return qg @ self._kv32[0][:, :, None].transpose(-1, -2)
+        """(B, Hkv, G, W, n) logits for every (query, slot), visible or not (finite: invalid slots are 0).
+
+        One (G * W) x n matmul per KV head (a broadcast over the group would copy the keys G times)."""
+        B, Hkv, n = self.k_pos.shape
+        return (self._qs @ self._kv32[0].transpose(-1, -2)).view(B, Hkv, self.group, -1, n)
 
     @cached_property
     def _zg(self) -> Tensor:
@@ -143,13 +152,29 @@ class ScoreInputs:
     def _Ag(self) -> Tensor:
         """(B, Hkv, G, W, n) softmax over visible keys; all zeros for a query that sees no key.
 
-        One fused softmax of the logits plus a 0 / -inf visibility bias; a query that sees nothing gives
-        a row of NaN, which becomes 0.
+        Only the slots that some query cannot see get a 0 / -inf visibility bias: with slots in position
+        order (a prefill, SnapKV's window, an H2O chunk) that is the short causal tail, so the bias is
+        added in place to that tail of the logits, which is restored after the softmax; the softmax is
+        then one pass over the logits, and no masked copy of them is made. When every query sees every
+        slot (a decoding step) there is nothing to mask.
         """
-        bias = torch.zeros(self.visible.shape, device=self.k.device).masked_fill_(
-            ~self.visible, float("-inf")
-        )
-        return torch.softmax(self._zraw + bias[:, :, None], dim=-1).nan_to_num_(0.0)
+        z, vis = self._zraw, self.visible
+        n = z.shape[-1]
+        blind = torch.nonzero((~vis.all(2)).flatten(0, 1).any(0))  # slots that some query cannot see
+        j0 = int(blind[0, 0]) if len(blind) else n
+        if j0 == n:  # every query sees every (valid) slot
+            return torch.softmax(z, dim=-1)
+        tail = z[..., j0:]
+        saved = tail.clone()
+        try:
+            tail.add_(torch.where(vis[..., j0:], 0.0, float("-inf"))[:, :, None])
+            A = torch.softmax(z, dim=-1)
+        finally:
+            tail.copy_(saved)
+        sees = vis.any(-1)  # (B, Hkv, W); a query that sees nothing (padding) has a row of NaN
+        if not bool(sees.all()):
+            A.masked_fill_(~sees[:, :, None, :, None], 0.0)
+        return A
 
     @property
     def z(self) -> Tensor:
@@ -162,9 +187,15 @@ class ScoreInputs:
         return self._Ag.flatten(1, 2)
 
     @cached_property
+    def _Og(self) -> Tensor:
+        """(B, Hkv, G, W, Dv) float32 attention outputs in group layout."""
+        A = self._Ag
+        return (A.flatten(2, 3) @ self._kv32[1]).view(*A.shape[:4], -1)
+
+    @property
     def O(self) -> Tensor:  # noqa: E743 (the spec name)
         """(B, Hq, W, Dv) float32 attention outputs (before o_proj) o_i = sum_p A_ip v_p."""
-        return (self._Ag @ self._kv32[1][:, :, None]).flatten(1, 2)
+        return self._Og.flatten(1, 2)
 
     @cached_property
     def vnorm2(self) -> Tensor:
@@ -177,16 +208,27 @@ class ScoreInputs:
         return self._Ag.mean(2, keepdim=True) if self.gqa == "pre" else self._Ag
 
     @cached_property
+    def _layout(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(A, z, o) in this bundle's ``gqa`` layout: A and z (B, Hkv, G', W, n), o (B, Hkv, G', W, Dv).
+
+        ``z`` is unmasked (every score multiplies it by A, which is 0 wherever a key is not visible); for
+        ``"pre"``, o is recomputed from the group-averaged A."""
+        if self.gqa != "pre":
+            return self._Ag, self._zraw, self._Og
+        A = self.attention
+        o = (A.flatten(2, 3) @ self._kv32[1]).view(*A.shape[:4], -1)
+        return A, self._zraw.mean(2, keepdim=True), o
+
+    @cached_property
     def terms(self) -> Terms:
         """The shared per-(h, i, p) quantities for this bundle's ``gqa`` mode (see :class:`Terms`).
 
         ``z`` here is unmasked: every score multiplies it by A, which is 0 wherever a key is not visible.
+        The built-in OBCache scores do not use ``vo`` (a (W, n) tensor per head): they reduce over the
+        queries first (:func:`_project`).
         """
-        A = self.attention
-        z = self._zraw.mean(2, keepdim=True) if self.gqa == "pre" else self._zraw
-        v = self._kv32[1][:, :, None]  # (B, Hkv, 1, n, Dv)
-        o = A @ v
-        vo = o @ v.transpose(-1, -2)
+        A, z, o = self._layout
+        vo = (o.flatten(2, 3) @ self._kv32[1].transpose(-1, -2)).view(A.shape)
         return Terms(A, z, vo, o.square().sum(-1, keepdim=True), self.vnorm2[:, :, None, None, :])
 
 
@@ -233,27 +275,68 @@ def attn(inp: ScoreInputs) -> Tensor:
     return _reduce(inp, inp.attention)
 
 
+def _project(w: Tensor, rows: Tensor) -> Tensor:
+    """sum over the group and the queries of w[g, i, p] * rows[g, i, :], for every slot p.
+
+    w: (B, Hkv, ..., n) weights; rows: (B, Hkv, ..., C) with the same middle dims (e.g. (G', W)).
+    Returns (B, Hkv, C, n): one matmul per KV head, contracting the flattened middle dims, so no
+    (query, slot, feature) tensor is ever built.
+    """
+    return rows.flatten(2, -2).transpose(-1, -2) @ w.flatten(2, -2)
+
+
+def _dot_v(inp: ScoreInputs, x: Tensor) -> Tensor:
+    """<v_p, x[:, :, :, p]> for every slot: x (B, Hkv, Dv, n) -> (B, Hkv, n)."""
+    return (x * inp._kv32[1].transpose(-1, -2)).sum(2)
+
+
 @register_score("obv")
 def obv(inp: ScoreInputs) -> Tensor:
-    """OBCache value saliency: sum of A_ip^2 ||v_p||^2. Returns (B, Hkv, n)."""
-    t = inp.terms
-    return _reduce(inp, t.A.square().mul_(t.v2))
+    """OBCache value saliency: sum of A_ip^2 ||v_p||^2 = ||v_p||^2 * sum_i A_ip^2. Returns (B, Hkv, n)."""
+    A = inp.attention
+    return (A * A).sum((2, 3)).mul_(inp.vnorm2).masked_fill_(~inp.valid, float("-inf"))
 
 
 @register_score("obk")
 def obk(inp: ScoreInputs) -> Tensor:
-    """OBCache key saliency: sum of (A_ip z_ip)^2 ||v_p - o_i||^2. Returns (B, Hkv, n)."""
-    t = inp.terms
-    return _reduce(inp, (t.A * t.z).square_().mul_(_dist2(t)))
+    """OBCache key saliency: sum of (A_ip z_ip)^2 ||v_p - o_i||^2. Returns (B, Hkv, n).
+
+    With w = (A z)^2, factored over the queries (exact in exact arithmetic):
+    sum_i w_ip ||v_p - o_i||^2 = ||v_p||^2 sum_i w_ip + sum_i w_ip ||o_i||^2 - 2 <v_p, sum_i w_ip o_i>,
+    three reductions in one matmul instead of a (W, n) tensor of <v_p, o_i>. Each term is >= 0, so the
+    sum is; the float32 result of the expansion is clamped at 0 (docs/scores.md section 2).
+    """
+    A, z, o = inp._layout
+    w = (A * z).square_()
+    o2 = o.square().sum(-1, keepdim=True)
+    S = _project(w, torch.cat([torch.ones_like(o2), o2, o], -1))  # (B, Hkv, 2 + Dv, n)
+    s = torch.addcmul(S[:, :, 1], inp.vnorm2, S[:, :, 0]).sub_(_dot_v(inp, S[:, :, 2:]), alpha=2.0)
+    return s.clamp_min_(0.0).masked_fill_(~inp.valid, float("-inf"))
 
 
 @register_score("obkv")
 def obkv(inp: ScoreInputs) -> Tensor:
-    """OBCache joint saliency: sum of A_ip^2 ||(1 + z_ip) v_p - z_ip o_i||^2. Returns (B, Hkv, n)."""
-    t = inp.terms
-    z1 = 1.0 + t.z
-    sq = (z1.square() * t.v2 + t.z.square() * t.o2 - 2.0 * t.z * z1 * t.vo).clamp_min(0.0)
-    return _reduce(inp, t.A.square() * sq)
+    """OBCache joint saliency: sum of A_ip^2 ||(1 + z_ip) v_p - z_ip o_i||^2. Returns (B, Hkv, n).
+
+    Expanded, A^2 [(1 + z)^2 ||v||^2 + z^2 ||o||^2 - 2 z (1 + z) <v, o>]. With t = A^2 z^2 and
+    y = A^2 z (1 + z), and (1 + z)^2 = 1 + 2 z (1 + z) - z^2, the sum over queries is
+    ||v_p||^2 sum_i (A^2 + 2 y - t) + sum_i t ||o_i||^2 - 2 <v_p, sum_i y o_i> (exact in exact
+    arithmetic): one matmul against the outputs (weights y) and one against two columns (weights t).
+    The float32 result is clamped at 0 (each term is >= 0).
+    """
+    A, z, o = inp._layout
+    u = A * A
+    coef = u.sum((2, 3))  # sum_i A^2
+    u.mul_(z)  # A^2 z
+    t = u * z  # A^2 z^2
+    y = u.add_(t)  # A^2 z (1 + z)
+    o2 = o.square().sum(-1, keepdim=True)
+    ones = torch.ones_like(o2)
+    Sy = _project(y, torch.cat([ones, o], -1))  # (B, Hkv, 1 + Dv, n)
+    St = _project(t, torch.cat([ones, o2], -1))  # (B, Hkv, 2, n)
+    coef.add_(Sy[:, :, 0], alpha=2.0).sub_(St[:, :, 0])
+    s = torch.addcmul(St[:, :, 1], inp.vnorm2, coef).sub_(_dot_v(inp, Sy[:, :, 1:]), alpha=2.0)
+    return s.clamp_min_(0.0).masked_fill_(~inp.valid, float("-inf"))
 
 
 @register_score("caote")
@@ -270,6 +353,25 @@ def caote(inp: ScoreInputs) -> Tensor:
     return _reduce(inp, ratio * _dist2(t).sqrt())
 
 
+CHUNK_ELEMENTS = 1 << 21
+"""Automatic chunks hold at most this many (query head, query, slot) entries (8 MiB per float32 tensor):
+large enough for efficient matmuls, small enough that the per-chunk temporaries are reused from the
+allocator's free memory rather than freshly mapped (and zeroed) pages every time."""
+
+
+def _chunk_end(s: int, W: int, n: int, Hq: int, chunk: int | None, causal_prefix: bool) -> int:
+    """The end of the query chunk that starts at s (see `score_queries_chunked`)."""
+    if chunk is not None:
+        return min(W, s + chunk)
+    budget = CHUNK_ELEMENTS // max(Hq, 1)  # queries x slots per chunk
+    if causal_prefix:  # x queries see base + x slots: the largest x with x (base + x) <= budget
+        base = n - W + s
+        x = int((math.isqrt(base * base + 4 * budget) - base) // 2)
+    else:
+        x = budget // max(n, 1)
+    return min(W, s + max(1, x))
+
+
 def score_queries_chunked(
     score_fn: ScoreFn | str,
     q: Tensor,
@@ -278,7 +380,7 @@ def score_queries_chunked(
     v: Tensor,
     k_pos: Tensor,
     gqa: str = "sum",
-    chunk: int = 256,
+    chunk: int | None = None,
     causal_prefix: bool = False,
 ) -> Tensor:
     """Sum a score over query chunks, so peak extra memory is O(Hq x chunk x n), never n x n.
@@ -289,7 +391,9 @@ def score_queries_chunked(
         score_fn: a score function or a registered score name.
         q: (B, Hq, W, D) queries; q_pos: (B, W); k, v: (B, Hkv, n, D); k_pos: (B, Hkv, n).
         gqa: "sum" or "pre".
-        chunk: queries per chunk (>= 1).
+        chunk: queries per chunk (>= 1); None (default): as many as keep each chunk's (query head, query,
+            slot) tensors within `CHUNK_ELEMENTS` entries (more queries for the early chunks of a causal
+            prefix, which see fewer slots).
         causal_prefix: the W queries are the tokens held in the last W slots (a layer that was just
             appended to), so the chunk [s, e) can only see the first n - W + e slots: only those are
             scored, which halves the work of a prefill.
@@ -298,19 +402,21 @@ def score_queries_chunked(
         (B, Hkv, n) float32 scores, -inf on invalid slots.
     """
     fn = get_score(score_fn) if isinstance(score_fn, str) else score_fn
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     k, v = k.float(), v.float()
     n, W = k.shape[2], q.shape[2]
     invalid = k_pos < 0
     total = torch.zeros(k_pos.shape, dtype=torch.float32, device=k.device)
-    for s in range(0, W, chunk):
-        e = min(W, s + chunk)
+    s = 0
+    while s < W:
+        e = _chunk_end(s, W, n, q.shape[1], chunk, causal_prefix)
         end = n - W + e if causal_prefix else n
         part = fn(
             ScoreInputs(q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], k_pos[:, :, :end], gqa)
         )
         total[..., :end] += part.masked_fill(invalid[..., :end], 0.0)
+        s = e
     return total.masked_fill(invalid, float("-inf"))
 
 

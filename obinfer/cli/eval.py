@@ -65,7 +65,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     check_lengths(tasks, lengths)  # too small for a task: before the model is loaded
     presses, ratios = _split(args.presses, "presses"), _floats(args.ratios, "ratios")
-    cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill)  # validates
+    cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill, batch=args.batch)
     out = Path(args.out)
     check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
     model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
@@ -152,6 +152,12 @@ def _add_eval(sub: Any) -> None:
         help="prefill again for every press (naive; for timing comparisons)",
     )
     e.add_argument("--max-new-tokens", type=int, help="cap the tasks' answer lengths (for quick runs)")
+    e.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="decode up to N compressed caches of a sample together as one batch (memory: N caches; default 8)",
+    )
     e.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,

@@ -75,6 +75,8 @@ class EvalConfig:
         chat: wrap in the chat template; None = when the tokenizer has one.
         max_new_tokens: cap on the task's max_new_tokens (None = the task's own).
         reprefill: prefill again for every press (the naive loop; same answers, slower).
+        batch: compressed caches of one sample decoded together as one batch of (ragged) rows; bounds
+            memory (each row holds its own compressed cache); 1 decodes them one at a time.
         model_name: recorded in every result row.
     """
 
@@ -85,6 +87,7 @@ class EvalConfig:
     max_new_tokens: int | None = None
     reprefill: bool = False
     model_name: str = ""
+    batch: int = 8
     combos: list[Combo] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ class EvalConfig:
             raise EvalError(f"unknown mode(s) {bad or self.modes}; choose from {', '.join(MODES)}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise EvalError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise EvalError(f"batch must be an integer >= 1, got {self.batch!r}")
         self.combos = press_grid(self.presses, self.ratios)
 
 
@@ -135,6 +140,30 @@ def answer(
     return tok.decode(out), len(out)
 
 
+def answer_batch(
+    model: Transformer, tok: Any, caches: Sequence[KVCache], q_ids: Sequence[int], max_new: int
+) -> list[tuple[str, int]]:
+    """`answer` for several compressed caches of one context at once: one batch of (ragged) rows, so
+    the weights are read once per step for all of them. Greedy, so each row's tokens are the ones
+    `answer` gives for that cache alone (tests/test_eval_runner.py checks it).
+    """
+    if len(caches) == 1:
+        return [answer(model, tok, caches[0], q_ids, max_new)]
+    stops = set(tok.stop_ids)
+    stacked = KVCache.cat_rows(list(caches))
+    steps = [x.tolist() for x in stream(model, [list(q_ids)] * len(caches), max_new_tokens=max_new,
+                                        stop_ids=stops, cache=stacked)]  # fmt: skip
+    out = []
+    for r in range(len(caches)):
+        toks = []
+        for step in steps:
+            if step[r] in stops:
+                break
+            toks.append(step[r])
+        out.append((tok.decode(toks), len(toks)))
+    return out
+
+
 # ---------------------------------------------------------------------------------------- one sample
 def _base_row(row: dict[str, Any], mode: str, combo: Combo, cfg: EvalConfig) -> dict[str, Any]:
     return {
@@ -165,8 +194,11 @@ def run_sample(
     max_new = min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
     check_fits(row, prompt, max_new, model.cfg.max_position_embeddings)
     ctx, q = prompt.prefill, prompt.after
-    runner = _reprefilled if cfg.reprefill else _shared
-    for combo, res in runner(model, tok, ctx, q, max_new, combos):
+    if cfg.reprefill:
+        results = _reprefilled(model, tok, ctx, q, max_new, combos)
+    else:
+        results = _shared(model, tok, ctx, q, max_new, combos, cfg.batch)
+    for combo, res in results:
         out = _base_row(row, mode, combo, cfg)
         out.update(prompt_tokens=len(ctx), question_tokens=len(q))
         out.update(res)
@@ -174,22 +206,35 @@ def run_sample(
 
 
 def _shared(
-    model: Transformer, tok: Any, ctx: list[int], q: list[int], max_new: int, combos: Sequence[Combo]
+    model: Transformer,
+    tok: Any,
+    ctx: list[int],
+    q: list[int],
+    max_new: int,
+    combos: Sequence[Combo],
+    batch: int = 1,
 ) -> Iterator[tuple[Combo, dict[str, Any]]]:
-    """One prefill; each press compresses a fork of it (the last one, usually full, the prefill itself)."""
+    """One prefill; each press compresses a fork of it (the last one, usually full, the prefill itself);
+    the compressed caches are decoded `batch` at a time as one batch of rows."""
     presses = [make_press(c.press, compression_ratio=c.ratio) for c in combos]  # "full": FULL
     fan = Fanout(model, ctx, presses)
     prefill_s, full_bytes, full_tokens = fan.prefill_s, fan.cache.nbytes(), fan.cache.n_tokens()
-    for i, (combo, press) in enumerate(zip(combos, presses, strict=True)):
-        t0 = time.perf_counter()
-        cache = fan.compress(press, in_place=i == len(combos) - 1)
+    for start in range(0, len(combos), batch):
+        group = range(start, min(start + batch, len(combos)))
+        caches, results = [], []
+        for i in group:
+            t0 = time.perf_counter()
+            cache = fan.compress(presses[i], in_place=i == len(combos) - 1)
+            res = _cache_fields(cache, full_bytes, full_tokens)
+            res.update(prefill_s=prefill_s, compress_s=time.perf_counter() - t0, shared_prefill=True)
+            caches.append(cache)
+            results.append(res)
         t1 = time.perf_counter()
-        res = _cache_fields(cache, full_bytes, full_tokens)
-        res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
-        res.update(
-            prefill_s=prefill_s, compress_s=t1 - t0, decode_s=time.perf_counter() - t1, shared_prefill=True
-        )
-        yield combo, res
+        answers = answer_batch(model, tok, caches, q, max_new)
+        decode_s = time.perf_counter() - t1
+        for i, res, (pred, n_new) in zip(group, results, answers, strict=True):
+            res.update(_pred=pred, _new=n_new, decode_s=decode_s, decode_rows=len(group))
+            yield combos[i], res
 
 
 def _reprefilled(

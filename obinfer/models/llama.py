@@ -82,15 +82,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * D, C, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: LayerCache, observe: Callable | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        pos: Tensor,
+        cache: LayerCache,
+        observe: Callable | None,
+        n_pad: int | None = None,
     ) -> Tensor:
-        """x: (B, T, C) -> (B, T, C). Appends this step's K/V to `cache` and attends over it."""
+        """x: (B, T, C) -> (B, T, C). Appends this step's K/V to `cache` and attends over it.
+
+        n_pad: the number of pad positions (-1) in pos, if known (saves the cache a device read).
+        """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.append(k, v, pos)  # the cache now holds this step's T tokens as the last T slots of each head
+        # the cache now holds this step's T tokens as the last T slots of each head
+        cache.append(k, v, pos, n_pad)
         out = attention.attend(cache, q, T)  # (B, Hq, T, D): q over every slot it may see (causal, no pads)
         if observe is not None:  # after the layer's own attention: compression never changes this step
             observe(q, pos, cache)
@@ -117,8 +128,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, cache: LayerCache, observe) -> Tensor:  # noqa: ANN001
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observe)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        pos: Tensor,
+        cache: LayerCache,
+        observe,  # noqa: ANN001
+        n_pad: int | None = None,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, observe, n_pad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -175,11 +195,12 @@ class Transformer(nn.Module):
         """
         B, T = ids.shape
         pos = cache.next_positions(T, n_pad)  # (B, T)
+        n_pads = 0 if n_pad is None else int((pos < 0).sum())  # counted once here, not by every layer
         cos, sin = rope_cos_sin(self.inv_freq, pos.clamp(min=0), self.dtype)
         x = self.model.embed_tokens(ids)
         for i, (block, layer_cache) in enumerate(zip(self.model.layers, cache.layers, strict=True)):
             observe = None if observer is None else (lambda q, p, lc, i=i: observer(i, q, p, lc))
-            x = block(x, cos, sin, pos, layer_cache, observe)
+            x = block(x, cos, sin, pos, layer_cache, observe, n_pads)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
