@@ -1,5 +1,6 @@
 """Tests for obinfer.cache.scores: spec test vectors (docs/scores.md section 6) and a slow loop reference."""
 
+import itertools
 import math
 
 import pytest
@@ -341,7 +342,8 @@ def test_visibility_of_ordered_slots(q_pos, first):
 @pytest.mark.parametrize("name", SCORE_NAMES)
 def test_chunked_causal_prefix_equals_unchunked(name, monkeypatch):
     """H2O's layout (every query of a prefill, the slots its positions): chunks of any size, fixed or
-    automatic, give the unchunked scores; automatic chunks stay within CHUNK_ELEMENTS."""
+    automatic (as many queries as keep Hq x queries x n within CHUNK_ELEMENTS), give the unchunked
+    scores, each chunk scoring only the slots its queries can see."""
     n = 23
     inp = ordered_inputs([list(range(n))], n)
     q, q_pos, k, v, k_pos = inp.q, inp.q_pos, inp.k, inp.v, inp.k_pos
@@ -354,15 +356,13 @@ def test_chunked_causal_prefix_equals_unchunked(name, monkeypatch):
             seen.append((self.q.shape[2], self.k.shape[2]))
 
     monkeypatch.setattr(scores_module, "ScoreInputs", Recording)
-    monkeypatch.setattr(scores_module, "CHUNK_ELEMENTS", 4 * 40)  # Hq = 4: 40 (query, slot) pairs
-    for chunk in (1, 5, None):
+    monkeypatch.setattr(scores_module, "CHUNK_ELEMENTS", 4 * n * 6 + 3)  # Hq = 4: 6 queries x n slots
+    for chunk, widths in ((1, [1] * n), (5, [5] * 4 + [3]), (None, [6] * 3 + [5])):
         seen.clear()
         got = score_queries_chunked(name, q, q_pos, k, v, k_pos, chunk=chunk, causal_prefix=True)
         torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
-        assert sum(w for w, _ in seen) == n
-        if chunk is None:
-            assert all(w * s <= 40 or w == 1 for w, s in seen) and seen[0][0] > seen[-1][0] > 0
-            assert len(seen) < n  # several queries per chunk, more of them early on
+        assert [w for w, _ in seen] == widths
+        assert [s for _, s in seen] == list(itertools.accumulate(widths))  # each chunk's causal prefix
 
 
 def test_attention_rows_and_padding_query():

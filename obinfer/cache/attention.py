@@ -30,28 +30,36 @@ Three paths, picked from the layout; they compute the same function:
         - T = S and no pad slot (a prefill into an empty cache): plain causal SDPA;
         - otherwise: SDPA with the (B, Hkv, T, S) visibility mask, repeated for the G query heads.
     ragged (`_attend_ragged`): after a head-adaptive press (AdaKV) heads hold different numbers of
-        slots, stored without padding one after another in the flat buffers:
-        - T <= WINDOWS_MAX_T (decode steps, short blocks): `_attend_windows`, one masked pass for the
-          whole layer over a zero-copy strided view of the flat buffers, (B * Hkv, W, D) windows of
-          about the longest segment's size, each holding its segment (plus neighbours' slots, masked);
-        - longer blocks (a question after a compressed context): `_attend_segments`, one masked SDPA
-          call per (row, KV head) over that segment's own slots.
+        slots, stored without padding one after another in the flat buffers; each (row, KV head)
+        segment is attended on its own slots, a view of the buffers (nothing is copied or padded):
+        - T = 1 and no pad slot: `_decode_segments`, two small matmuls per segment, no mask;
+        - otherwise: `_attend_segments`, one SDPA call per segment with its `_visibility` mask.
+        Neither reads the device (segment bounds are host ints). Why not one vectorized pass: a pass
+        over the whole layer must either copy the segments into a padded (B, Hkv, S_max, D) block or
+        compute logits over slots that a head does not own (a masked pass over the flat buffers, or
+        over overlapping strided windows of them), and in a model, whose weights push the cache out of
+        the CPU caches between layers, the extra bytes and logits cost more than the per-segment calls save.
+        Measured in the model (SmolLM2-135M, 2k tokens, AdaKV r = 0.5, 1 thread), append + attention
+        per decode step, relative to the uniform cache of the same bytes in the same run:
+        `_decode_segments` 1.2x, strided windows 1.75x, a masked pass over each row's slots 2.0x, the
+        former SDPA call per segment 1.9x; with 8 rows stacked by `KVCache.cat_rows`, windows took 3.6x
+        the time of `_decode_segments`. A question block (T = 32) through `_attend_segments` costs what
+        the uniform path costs (benchmarks/bench_ragged.py).
 
 Numerics: softmax over logits q.k / sqrt(D) in the SDPA kernels' precision; `_decode_attention` and
-`_attend_windows` take the softmax in float32 whatever the cache dtype. Masked slots get logit -inf and
-weight exactly 0, whatever their (finite) contents.
+`_decode_segments` take the softmax in float32 whatever the cache dtype. Slots outside a segment (other
+segments, spare capacity) are never read.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from obinfer.cache.kv_cache import LayerCache, host_tensor
+from obinfer.cache.kv_cache import LayerCache
 
 
 def attend(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
@@ -83,97 +91,35 @@ def _attend_uniform(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
 
 
 def _attend_ragged(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
-    """Segments of different lengths: one masked pass over strided windows of the flat buffers for a
-    short query block (a decode step), else one SDPA call per (row, KV head) over its own slots."""
-    if n_new <= WINDOWS_MAX_T:
-        return _attend_windows(layer, q, n_new)
+    """Segments of different lengths: each (row, KV head) segment is attended on its own slots, in
+    place in the flat buffers (no copy, no padding, no device read)."""
+    if n_new == 1 and layer.known_no_pads():
+        return _decode_segments(layer, q)
     return _attend_segments(layer, q, n_new)
 
 
-# Query blocks up to this many tokens take `_attend_windows`; longer ones `_attend_segments`. Measured on
-# 2 CPU cores with SmolLM2-135M shapes (3 KV heads x 3 query heads, D = 64; AdaKV head lengths of a 2k /
-# 8k prompt at r = 0.5): one query, windows 0.21 / 0.59 ms per layer vs per-segment SDPA 0.50 / 1.0 ms
-# (uniform decode of the same bytes: 0.13 / 0.46 ms: a window is as long as the longest head, ~1.4x the
-# mean for AdaKV); the windows pass stays ahead up to T = 16 and falls behind from T = 24-32 on, where its
-# wasted logits (neighbouring segments' slots) and (n, T, W) mask outgrow the per-segment calls.
-WINDOWS_MAX_T = 16
+def _decode_segments(layer: LayerCache, q: Tensor) -> Tensor:
+    """One new query per row, no pad slot: per segment, two small matmuls and a float32 softmax.
 
-
-class _Windows(NamedTuple):
-    """Window i (segment i = b * Hkv + h) = the W flat slots from base + i * stride."""
-
-    base: int
-    stride: int
-    W: int
-    lo: list[int]  # per segment: its first slot, relative to its window's start
-    hi: list[int]  # per segment: one past its last slot in use, relative to its window's start
-
-
-def _plan_windows(start: list[int], end: list[int], N: int) -> _Windows:
-    """Equally spaced windows of one size W inside the N slots, window i holding segment i's slots in use.
-
-    Segments lie one after another in the buffers (each followed by its spare capacity; rows too), so
-    windows spaced like the segments' starts are barely longer than the longest segment. The spacing
-    is the largest that starts every window at or before its segment and ends the last one inside the
-    buffers; with spacing 0 (a fallback for unusual layouts) every window is the whole range in use.
-    """
-    n = len(start)
-    spacing = [(s - start[0]) // i for i, s in enumerate(start) if i]
-    spacing += [(N - e) // (n - 1 - i) for i, e in enumerate(end[:-1])]
-    for stride in (max(0, min(spacing, default=0)), 0):
-        base = min(s - i * stride for i, s in enumerate(start))
-        w = [base + i * stride for i in range(n)]
-        W = max(e - x for e, x in zip(end, w, strict=True))
-        if base >= 0 and w[-1] + W <= N or stride == 0:
-            lo = [s - x for s, x in zip(start, w, strict=True)]
-            return _Windows(base, stride, W, lo, [e - x for e, x in zip(end, w, strict=True)])
-    raise AssertionError("unreachable: spacing 0 always fits")
-
-
-def _attend_windows(layer: LayerCache, q: Tensor, T: int) -> Tensor:
-    """One masked pass over equally spaced, overlapping windows of the flat buffers: no copy of K/V, no
-    loop over segments or rows, no device read.
-
-    The segments lie one after another in the buffers, so a strided view (B * Hkv, W, D) whose window i
-    starts at or before segment i = b * Hkv + h and is W slots long holds that segment, plus some slots
-    of its neighbours (W is about the longest segment). A mask keeps, for the G query heads of KV head
-    h, only the slots of their own segment that they may see (`_visibility`'s rule): masked logits are
-    -inf, so other segments' slots and spare capacity get weight exactly 0.
+    The ragged counterpart of `_decode_attention`: segment i's G query heads (rows) against its own
+    slots, a view of the flat buffers. No mask (the new query sees every slot of its segment), no
+    SDPA call (its per-call cost dominates at one query), nothing read from the device.
+    q: (B, Hq, 1, D) -> (B, Hq, 1, D).
     """
     B, Hq, _, D = q.shape
-    n, G, dev = layer.n_segments, Hq // layer.n_kv_heads, layer.k.device
-    end = [s + L for s, L in zip(layer.start, layer.length, strict=True)]
-    win = _plan_windows(layer.start, end, layer.k.shape[0])
-    W = win.W
-
-    def windows(buf: Tensor) -> Tensor:  # (n, W, *rest), overlapping, no copy
-        st = buf.stride()
-        return buf.as_strided(
-            (n, W, *buf.shape[1:]), (win.stride * st[0], *st), buf.storage_offset() + win.base * st[0]
-        )
-
-    bounds = host_tensor([win.lo, win.hi], dev)[:, :, None]
-    lo, hi = bounds[0], bounds[1]  # (n, 1): where each segment's slots are in its window
-    j = torch.arange(W, device=dev)
-    vis = (j >= lo) & (j < hi)  # (n, W)
-    no_pads = layer.known_no_pads()
-    if T > 1 or not no_pads:
-        new = (j - (hi - T))[:, None, :]  # (n, 1, W): index among the T new slots (< 0: an old slot)
-        t = torch.arange(T, device=dev)[:, None]  # (T, 1)
-        seen = new <= t  # old slots, and new slots up to the query's own (causal)
-        if not no_pads:
-            seen = seen & (windows(layer.pos) >= 0)[:, None, :]  # valid slots only
-        vis = vis[:, None, :] & (seen | (new == t))  # (n, T, W); a query always sees its own slot
-    bias = torch.where(vis, 0.0, -math.inf).to(q.dtype)  # (n, W) or (n, T, W)
-    qh = q.reshape(n, G * T, D)  # segment i's G query heads x T queries as rows
-    kt = windows(layer.k).transpose(1, 2)  # (n, D, W)
-    if T == 1:  # logits, scale and mask in one call: bias (n, 1, W) broadcast over the G query heads
-        logits = torch.baddbmm(bias.view(n, 1, W), qh, kt, alpha=1.0 / math.sqrt(D))
-    else:
-        logits = torch.bmm(qh, kt).mul_(1.0 / math.sqrt(D)).view(n, G, T, W)
-        logits += bias.view(n, 1, T, W)
-    w = torch.softmax(logits.float(), dim=-1).to(q.dtype).view(n, G * T, W)
-    return torch.bmm(w, windows(layer.v)).view(B, Hq, T, D)
+    n = layer.n_segments
+    scale = 1.0 / math.sqrt(D)
+    qs = q.reshape(n, Hq // layer.n_kv_heads, D)  # segment i = b * Hkv + h: query heads h * G ... as rows
+    if q.dtype == torch.float32:  # scale the G x D queries, not the G x S logits (same float32 rounding)
+        qs, scale = qs * scale, 1.0
+    outs = []
+    for s, L in zip(layer.start, layer.length, strict=True):
+        logits = torch.mm(qs[len(outs)], layer.k[s : s + L].T)  # (G, L)
+        if scale != 1.0:
+            logits = logits.float().mul_(scale)
+        w = torch.softmax(logits, dim=-1).to(layer.v.dtype)
+        outs.append(torch.mm(w, layer.v[s : s + L]))  # (G, D)
+    return torch.stack(outs).view(B, Hq, 1, D)
 
 
 def _attend_segments(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
@@ -184,11 +130,13 @@ def _attend_segments(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
     for i in range(layer.n_segments):
         b, h = divmod(i, layer.n_kv_heads)
         k, v, pos = layer.segment(i)  # (S_i, D), (S_i, D), (S_i,)
-        qi = q[b, h * G : (h + 1) * G]  # (G, T, D): the query heads that read KV head h
-        mask = _visibility(pos[None, None], k.shape[0], n_new)[0]  # (1, T, S_i)
+        qi = q[b : b + 1, h * G : (h + 1) * G]  # (1, G, T, D): the query heads that read KV head h
+        mask = _visibility(pos[None, None], k.shape[0], n_new)  # (1, 1, T, S_i)
+        # one KV head for G query heads (enable_gqa), not K/V expanded to G heads: an expanded (stride 0)
+        # K/V sends CPU SDPA to its slow reference kernel
         out[b, h * G : (h + 1) * G] = F.scaled_dot_product_attention(
-            qi, k.expand(G, -1, -1), v.expand(G, -1, -1), attn_mask=mask
-        )
+            qi, k[None, None], v[None, None], attn_mask=mask, enable_gqa=True
+        )[0]
     return out
 
 

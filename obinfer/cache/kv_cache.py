@@ -112,8 +112,8 @@ class LayerCache:
     What is derived from the storage is kept up to date by the mutations themselves, without reading
     the device: `n_invalid` (counted on the new positions only, or passed by the caller; unknown, and
     recounted on the next read, only after removing slots from a layer that holds pad slots), the
-    layout flag of `is_uniform()` and the segment tensors (updated on the device when lengths move,
-    rebuilt from the host lists after a re-layout). Removals (keep, remove_slot, remove_slots) and
+    layout flag of `is_uniform()` and the segment tensors (rebuilt from the host lists when next
+    needed, without waiting for the device). Removals (keep, remove_slot, remove_slots) and
     truncations move the version through `_changed`.
     """
 
@@ -162,8 +162,8 @@ class LayerCache:
     def segment_tensors(self) -> tuple[Tensor, Tensor]:
         """(start, length): (n_segments,) long tensors on the device, segment i = b * Hkv + h.
 
-        Read-only (shared with copies of the layer). Built from the host lists after a re-layout and
-        updated on the device when only lengths move, so a decode step does not copy them again.
+        Read-only (shared with copies of the layer). Built from the host lists when first needed after
+        a change (a small copy that does not wait for the device), kept until the next one.
         """
         if self._start_t is None:
             self._start_t = host_tensor(self.start, self.k.device)
@@ -247,6 +247,9 @@ class LayerCache:
         """The flat slots of T tokens appended to every segment, in (b, h, t) order; None when uniform."""
         if self.is_uniform():
             return None
+        if self.n_segments * T <= 1024:  # a decode step: one small copy from the host lists
+            ends = [s + L for s, L in zip(self.start, self.length, strict=True)]
+            return host_tensor([e + t for e in ends for t in range(T)], self.k.device)
         start, length = self.segment_tensors()
         return ((start + length)[:, None] + torch.arange(T, device=start.device)).view(-1)
 
@@ -264,22 +267,20 @@ class LayerCache:
         self._uniform, self._start_t, self._len_t = None, None, None
 
     def _reallocate(self, new_cap: Sequence[int]) -> None:
-        """Move every segment into fresh buffers with capacities `new_cap` (>= current lengths)."""
+        """Move every segment into fresh buffers with capacities `new_cap` (>= current lengths).
+
+        One slice copy per segment and buffer (several times faster on CPU than one index gather and
+        scatter of every slot); the spare capacity holds zeros (positions -1).
+        """
         starts, total = [], 0
         for c in new_cap:
             starts.append(total)
             total += c
-        # every slot in use, segment by segment: its segment and its index inside it, built on the device
-        start, length = self.segment_tensors()
-        dev, n_used = start.device, sum(self.length)
-        seg = torch.repeat_interleave(torch.arange(self.n_segments, device=dev), length, output_size=n_used)
-        first = torch.cumsum(length, 0) - length  # (n_segments,) where each segment's run begins
-        within = torch.arange(n_used, device=dev) - first[seg]
-        src, dst = start[seg] + within, host_tensor(starts, dev)[seg] + within
 
         def move(buf: Tensor, fill: float | int = 0) -> Tensor:
             out = buf.new_full((total, *buf.shape[1:]), fill)
-            out[dst] = buf[src]
+            for s, new, L in zip(self.start, starts, self.length, strict=True):
+                out[new : new + L] = buf[s : s + L]
             return out
 
         self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
@@ -325,8 +326,7 @@ class LayerCache:
             for a in self.acc.values():
                 self._write_new(a, a.new_zeros(B, H, T), dst)
             self.length = [L + T for L in self.length]
-            if self._len_t is not None:
-                self._len_t = self._len_t + T
+            self._len_t = None  # rebuilt from the list when next needed (a decode step needs none)
         if self._n_invalid is not None and n_pad is not None:
             self._n_invalid += n_pad * H
 
@@ -372,11 +372,7 @@ class LayerCache:
             for buf in (self.k, self.v, self.pos, *self.acc.values()):
                 buf[s + slot] = buf[last]
         self.length[i] = L - 1
-        self._uniform = None
-        if self._len_t is not None:
-            len_t = self._len_t.clone()  # never in place: copies of the layer may share it
-            len_t[i] -= 1
-            self._len_t = len_t
+        self._uniform, self._len_t = None, None
         self._changed(removed=True)
 
     def remove_slots(self, slots: Tensor) -> None:
@@ -401,7 +397,7 @@ class LayerCache:
         for buf in (self.k, self.v, self.pos, *self.acc.values()):
             buf.index_copy_(0, dst, buf[src])
         self.length = [L - 1 for L in self.length]
-        self._len_t = length - 1
+        self._uniform, self._len_t = None, length - 1
         self._changed(removed=True)
 
     def checkpoint(self) -> int:
@@ -465,8 +461,8 @@ class LayerCache:
         for x in layers:
             if (x.n_kv_heads, x.head_dim, x.k.dtype, x.k.device) != (H, D, dtype, dev):
                 raise ValueError(
-                    f"cat_rows: a layer of {x.n_kv_heads} KV heads x {x.head_dim} ({x.k.dtype}, {x.k.device}) "
-                    f"does not stack with one of {H} x {D} ({dtype}, {dev})"
+                    f"cat_rows: a layer of {x.n_kv_heads} KV heads x {x.head_dim} ({x.k.dtype}, "
+                    f"{x.k.device}) does not stack with one of {H} x {D} ({dtype}, {dev})"
                 )
         out = cls(sum(x.batch for x in layers), H, D, dtype, dev)
         idx = [x._dense_index() for x in layers]
