@@ -71,23 +71,53 @@ def check_device(device: str) -> None:
         raise UserError(f"device {device!r} requested but MPS is not available on this machine")
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """The dtype a --dtype value stands for: "auto" is bfloat16 where `device` has native bfloat16
+    matmuls (AMX / AVX512_BF16 CPUs, CUDA), float32 elsewhere (see obinfer/hardware.py)."""
+    from obinfer.hardware import auto_dtype
+
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPE_CHOICES)}")
+    return auto_dtype(device) if dtype == "auto" else dtype
+
+
+def load_dir(
+    model_dir: str | Path, dtype: str = "float32", device: str = "cpu", quantize: str | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a checkpoint directory (dtype and quantize as in `load`)."""
+    from obinfer.quantize import check_quantize, quantize_int8
+    from obinfer.tokenizer import load_tokenizer
+    from obinfer.weights import load_model
+
+    check_quantize(quantize)
+    model = load_model(model_dir, dtype=resolve_dtype(dtype, device), device=device)
+    if quantize == "int8":
+        quantize_int8(model)
+    return model, load_tokenizer(model_dir)
+
+
 def load(
     model: str | Path | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     weights_dir: str | Path | None = None,
+    quantize: str | None = None,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a name, directory or hub id (None: the default model).
 
     Args:
         model: see the module docstring.
-        dtype: "float32", "bfloat16" or "float16".
+        dtype: "float32", "bfloat16", "float16" or "auto" (`resolve_dtype`).
         device: "cpu", "cuda", "cuda:N", "mps".
         weights_dir: where named models and downloads live (default :func:`obinfer.storage.default_weights_dir`).
+        quantize: None or "int8" (weight-only, obinfer/quantize.py).
     """
-    from obinfer.tokenizer import load_tokenizer
-    from obinfer.weights import load_model
-
     check_device(device)
-    model_dir = resolve_model(model, weights_dir)
-    return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir)
+    resolve_dtype(dtype, device)
+    from obinfer.quantize import check_quantize
+
+    check_quantize(quantize)  # before anything is downloaded or converted
+    return load_dir(resolve_model(model, weights_dir), dtype, device, quantize)

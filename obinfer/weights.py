@@ -236,7 +236,24 @@ def load_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
+        input_major(model)
     return model.eval().requires_grad_(False)
+
+
+def input_major(model: Transformer) -> Transformer:
+    """Store every float32 linear weight (out, in) input-major: the same values and shape, as the
+    transpose of a contiguous (in, out) tensor. F.linear then multiplies by a contiguous (in, out)
+    matrix, which torch's CPU float32 kernels stream faster for the few rows of a decoding step:
+    measured on 2 Zen 4 cores, one-row products of SmolLM2's matrices 1.44x faster (its LM head 1.55x),
+    decoding 1.12x at batch 1 and 1.3x at batch 8, prefill within 2%; outputs differ only by summation order. Not for
+    bfloat16, whose one-row kernel is faster on the usual layout (0.8x this way)."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.t().is_contiguous():
+            mod.weight = torch.nn.Parameter(mod.weight.detach().t().contiguous().t(), requires_grad=False)
+    if model.cfg.tie_word_embeddings:
+        model.model.embed_tokens.weight = model.lm_head.weight
+    return model
 
 
 def _short(names: list[str], n: int = 4) -> str:

@@ -362,9 +362,11 @@ class PressRun:
         scores = pol.protect_decode(ranking, pos, seen, press.budget).flatten(0, 1)
         over = [i for i in range(layer.n_segments) if layer.length[i] > budgets[i]]
         if len(over) == layer.n_segments and all(layer.length[i] == budgets[i] + 1 for i in over):
-            for i in over:  # the common case: one token in, one out, O(1) per head
-                L = layer.length[i]
-                layer.remove_slot(i, int(_argmin_first(scores[i, :L])))
+            # the common case: one token in, one out of every head, in one vectorized step (argmin takes
+            # the first of tied minima: ties go to the lowest slot index)
+            _, length = layer.segment_tensors()
+            beyond = torch.arange(scores.shape[1], device=scores.device) >= length[:, None]
+            layer.remove_slots(scores.masked_fill(beyond, INF).argmin(dim=1))
         elif over:
             keep = []
             for i in range(layer.n_segments):
@@ -404,11 +406,6 @@ def _is_real(v: Any) -> bool:
 
 def _show(v: Any) -> str:
     return repr(v) if type(v) in (int, float) or v is None else f"{v!r} ({type(v).__name__})"
-
-
-def _argmin_first(s: Tensor) -> Tensor:
-    """Index of the lowest score; ties -> the lowest slot index."""
-    return torch.nonzero(s == s.min(), as_tuple=True)[0][0]
 
 
 def policy_options(policy: str) -> list[str]:

@@ -8,15 +8,34 @@ from pathlib import Path
 from obinfer.errors import UserError
 
 
-def load(model: str | None, dtype: str = "float32", device: str = "cpu", weights_dir: str | None = None):  # noqa: ANN201
+def load(
+    model: str | None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    weights_dir: str | None = None,
+    quantize: str | None = None,
+):  # noqa: ANN201
     """(model, tokenizer, model_dir) for a --model argument (see obinfer.loading)."""
-    from obinfer.loading import check_device, resolve_model
-    from obinfer.tokenizer import load_tokenizer
-    from obinfer.weights import load_model
+    from obinfer.loading import check_device, load_dir, resolve_dtype, resolve_model
+    from obinfer.quantize import check_quantize
 
     check_device(device)
+    resolve_dtype(dtype, device)
+    check_quantize(quantize)
     model_dir = resolve_model(model, weights_dir)
-    return load_model(model_dir, dtype=dtype, device=device), load_tokenizer(model_dir), model_dir
+    return (*load_dir(model_dir, dtype, device, quantize), model_dir)
+
+
+def load_args(args: argparse.Namespace):  # noqa: ANN201
+    """`load` for the options of `add_model_args`."""
+    return load(args.model, args.dtype, args.device, args.weights_dir, args.quantize)
+
+
+def dtype_label(args: argparse.Namespace) -> str:
+    """The resolved dtype, with "+int8" for int8 weights (what a results file records)."""
+    from obinfer.loading import resolve_dtype
+
+    return resolve_dtype(args.dtype, args.device) + ("+int8" if args.quantize else "")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +43,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--model", help="checkpoint directory or hub id (default: the embedded SmolLM2-135M-Instruct)"
     )
     p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype"
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations; auto = bfloat16 where the CPU (AMX / AVX512_BF16) or GPU has native "
+        "bfloat16 matmuls, else float32 (default float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="weight-only int8 linear layers (a quarter of float32's bytes per decoded token)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default cpu)")
     p.add_argument("--weights-dir", help="where converted/downloaded checkpoints live (default ./weights)")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from obinfer.cli.common import add_model_args, load
+from obinfer.cli.common import add_model_args, dtype_label, load
 from obinfer.errors import UserError
 
 DEFAULT_PRESSES = "full,snapkv,snapkv-obk"
@@ -68,12 +68,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill, batch=args.batch)
     out = Path(args.out)
     check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
-    model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
+    model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir, args.quantize)
     # too large for the model: before any sample is generated
     check_lengths(tasks, lengths, model.cfg.max_position_embeddings, args.max_new_tokens)
     cfg.model_name = Path(model_dir).name
     chat = tok.has_chat_template if args.chat is None else args.chat
-    info = {"model": cfg.model_name, "dtype": args.dtype, "seed": args.seed, "chat": chat}
+    info = {"model": cfg.model_name, "dtype": dtype_label(args), "seed": args.seed, "chat": chat}
     check_run_info(out, info, args.resume)
     count = count_tokens_fn(tok)
     samples = load_samples(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from obinfer.cli.common import add_model_args, add_press_args, build_press, load, read_text
+from obinfer.cli.common import add_model_args, add_press_args, build_press, load_args, read_text
 from obinfer.errors import UserError
 
 
@@ -62,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # checked before loading
-    model, tok, _ = load(args.model, args.dtype, args.device, args.weights_dir)
+    model, tok, _ = load_args(args)
     if context is None:  # a plain prompt: all of it is prefilled (and compressed, with a press)
         built = build_prompt(tok, prompt, chat=args.chat)
     else:  # a document, then a question about it (after compression unless --query-aware)

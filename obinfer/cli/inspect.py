@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from obinfer.cli.common import add_model_args, add_press_args, build_press, load, read_text
+from obinfer.cli.common import add_model_args, add_press_args, build_press, load_args, read_text
 from obinfer.inspect.plot import DPI, plot_inspection
 from obinfer.inspect.run import (
     InspectError,
@@ -79,7 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise InspectError("give --out FILE.png and/or --json FILE")
     presses = _presses(args)
     context = read_text(args.context_file)
-    model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir)
+    model, tok, model_dir = load_args(args)
     if args.question is None:  # the document alone, as the compressed part of a chat turn
         ids = build_prompt(tok, context, "", chat=args.chat).prefill
     else:  # query-aware: the question is compressed with the document

@@ -162,13 +162,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
+    quantization: str | None = None  # "int8" after obinfer.quantize.quantize_int8
+
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activations' (and KV cache's) dtype; with int8 weights, the dtype the model was loaded in."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache.for_model(self.cfg, batch, self.dtype, self.device)
