@@ -85,6 +85,7 @@ class GenStats:
     cache_bytes_full: int = 0  # K/V bytes right after prefill, before compression
     cache_bytes_kept: int = 0  # K/V bytes right after prefill (and compression)
     cache_bytes: int = 0  # K/V bytes at the end (decoding grows the buffers in steps)
+    cache_bytes_peak: int = 0  # most K/V bytes held during the prefill (chunked prefill: flat in the prompt)
     kept_per_layer: list[tuple[int, float, int]] = field(default_factory=list)  # (min, mean, max) over heads
     # prompt queries whose attention scored the keys at prefill (None: no press scored): snapkv's window,
     # shrunk to the prompt when the prompt is not longer; 1 for tova; every prompt token for h2o; 0 for
@@ -163,6 +164,7 @@ def stream(
     questions: Sequence[Sequence[int]] | None = None,
     cache: KVCache | None = None,
     stats: GenStats | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, step by step, until all rows stop or max_new_tokens.
 
@@ -170,6 +172,8 @@ def stream(
         prompts: token ids per row (the context; compressed by `press`, default `FULL`: no compression).
         questions: optional ids per row fed after compression at the next positions (query-agnostic).
         cache: an existing cache to continue (e.g. a compressed context); a new one if None.
+        prefill_chunk: feed the prompts in blocks of this many tokens, compressing every layer to the
+            press's budget after each block (bounded memory; `PressRun.prefill`); None: one forward.
     Yields:
         (B,) next-token ids; rows that already stopped repeat their stop token.
     Raises:
@@ -199,7 +203,13 @@ def stream(
         raise GenerationError(f"press must be a Press (make_press(...), or FULL for none), got {press!r}")
     if cache is not None and cache.batch != len(prompts):
         raise GenerationError(f"the cache holds {cache.batch} rows but {len(prompts)} prompts were given")
-    return _stream(model, prompts, max_new_tokens, sampling, stop_ids, press, questions, cache, stats)
+    if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
+        raise GenerationError(
+            f"prefill_chunk must be an integer >= 1 (tokens per block), got {prefill_chunk!r}"
+        )
+    return _stream(
+        model, prompts, max_new_tokens, sampling, stop_ids, press, questions, cache, stats, prefill_chunk
+    )
 
 
 @torch.inference_mode()
@@ -213,6 +223,7 @@ def _stream(
     questions: list[list[int]] | None,
     cache: KVCache | None,
     stats: GenStats | None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[Tensor]:
     stats = stats if stats is not None else GenStats()
     gen = sampling.generator(model.device)
@@ -222,9 +233,10 @@ def _stream(
     ids, n_pad = ids.to(model.device), (n_pad if int(n_pad.sum()) else None)
     stats.prompt_tokens = int(sum(len(p) for p in prompts))
     t0 = time.perf_counter()
-    run = press.start(stats)  # this prompt's press state (timings, decode budgets)
-    logits = model(ids, cache, n_pad=n_pad, observer=run.prefill_observer(), last_only=True)[:, -1]
+    run = press.start(stats, model=model)  # this prompt's press state (timings, decode budgets)
+    logits = run.prefill(model, ids, cache, n_pad=n_pad, chunk=prefill_chunk)
     stats.prefill_s = time.perf_counter() - t0
+    stats.cache_bytes_peak = max(run.peak_bytes, cache.nbytes())
     stats.cache_bytes_full = run.bytes_before or cache.nbytes()
     stats.cache_bytes_kept = cache.nbytes()
     step_observer = run.decode_observer()
@@ -273,6 +285,7 @@ def generate(
     press: Press = FULL,
     question: Sequence[int] | None = None,
     stats: GenStats | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[int]:
     """Stream the token ids generated for one prompt (stop token excluded).
 
@@ -288,6 +301,7 @@ def generate(
         press=press,
         questions=None if question is None else [question],
         stats=stats,
+        prefill_chunk=prefill_chunk,
     )
     return _unbatch(steps, stop_ids)
 

@@ -56,6 +56,11 @@ def tokens(n: int, seed: int, vocab: int = 320) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def base_press_names() -> list[str]:
+    """Every press name but full, without a layer budget or query source prefix."""
+    return [n for n in press_names()[1:] if PressName.parse(n).base == n]
+
+
 def layer_positions(layer: LayerCache, row: int = 0) -> list[list[int]]:
     """Sorted positions kept per KV head of one row."""
     H = layer.n_kv_heads
@@ -223,7 +228,7 @@ def test_every_press_runs_and_keeps_its_budget(model, budget):
     prompt = tokens(N_PROMPT, seed=1)
     cfg = model.cfg
     n_kept = BUDGET if budget else int(N_PROMPT * 0.5)
-    for name in press_names()[1:]:
+    for name in base_press_names():  # layer budgets and LAQ: tests/test_layer_budgets.py, test_laq.py
         press = make_press(name, compression_ratio=None if budget else 0.5, budget=budget)
         cache = model.new_cache()
         it = stream(model, [prompt], press=press, cache=cache, max_new_tokens=N_NEW)
@@ -254,7 +259,7 @@ def test_budget_at_least_prompt_equals_no_press(model):
     ref = list(generate(model, prompt, max_new_tokens=n_new))
     ref_cache = model.new_cache()
     list(stream(model, [prompt], cache=ref_cache, max_new_tokens=n_new))
-    for name in press_names()[1:]:
+    for name in base_press_names():  # (a layer budget gives some layers less than the budget)
         # decode-time presses evict once a head exceeds the budget: leave room for the decoded tokens
         budget = len(prompt) + (n_new - 1 if make_press(name, budget=1).decode_evicts else 0)
         for kw in ({"budget": budget}, {"compression_ratio": 0.0}):
@@ -351,7 +356,7 @@ def test_decode_eviction_follows_reference(model, policy):
     assert cache.seen.tolist() == [seen[0]]
 
 
-@pytest.mark.parametrize("name", [n for n in press_names() if "h2o" in n or "tova" in n])
+@pytest.mark.parametrize("name", [n for n in base_press_names() if "h2o" in n or "tova" in n])
 def test_decode_eviction_keeps_heads_within_budget(model, name):
     """Uniform: every head <= budget after every step. AdaKV: each head keeps the length AdaKV gave it
     at prefill (presses.py), so the layer total stays <= Hkv x budget while heads stay ragged."""

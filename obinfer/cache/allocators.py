@@ -24,6 +24,7 @@ dataclass fields are its options, checked when it is made (:class:`AdaKV`: ``alp
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from numbers import Real
@@ -130,6 +131,12 @@ def register_allocator(name: str) -> Callable[[Any], Any]:
         raise ValueError(f"allocator {name!r} is already registered")
     if name in POLICIES:
         raise ValueError(f"allocator {name!r} would shadow the policy of that name")
+    for mod, attr, kind in (
+        ("obinfer.cache.layer_budgets", "LAYER_BUDGETS", "layer budget"),
+        ("obinfer.cache.lookahead", "QUERY_SOURCES", "query source"),
+    ):
+        if name in getattr(sys.modules.get(mod), attr, {}):
+            raise ValueError(f"allocator {name!r} would shadow the {kind} of that name")
 
     def deco(obj: Any) -> Any:
         if isinstance(obj, type):

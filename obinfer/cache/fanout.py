@@ -18,7 +18,11 @@ positions, same K/V, same policy state; tests/test_fanout.py checks it for every
 Only the queries the presses read are kept: per layer the last `max(Press.queries_needed(n))` of them
 (every query if a policy observes them all, e.g. H2O; at least the last one). Budget-independent scores
 (`Policy.score`) are computed once per layer for each (policy, score, gqa) and reused by every
-compression ratio, budget and allocator of it.
+compression ratio, budget, allocator and layer budget of it.
+
+A press that looks ahead (LAQ, obinfer/cache/lookahead.py) gets what its own prefill would do too: its
+base press compresses a fork (with the shared scores), the lookahead tokens are decoded on that fork
+from the prefill's last logits (`Fanout.logits`), and the full fork is compressed with their queries.
 
 Used by `obinfer eval` (obinfer/eval/runner.py, one prefill per sample) and `obinfer inspect`
 (obinfer/inspect/run.py, the kept sets and scores of the presses compared).
@@ -52,12 +56,14 @@ class Fanout:
         n: prompt tokens.
         n_queries: queries recorded per layer (the last ones of the prompt).
         prefill_s: seconds the prefill took.
+        logits: (1, V) the prefill's last logits.
     """
 
     def __init__(self, model: Any, ids: Sequence[int], presses: Iterable[Press] = ()) -> None:
         self.n = len(ids)
         if self.n == 0:
             raise ValueError("Fanout needs a non-empty prompt")
+        self.model = model
         self.n_queries = max([1, *(p.queries_needed(self.n) for p in presses)])
         self.q: dict[int, Tensor] = {}  # layer -> (1, Hq, n_queries, D)
         self.q_pos: dict[int, Tensor] = {}  # layer -> (1, n_queries)
@@ -74,7 +80,9 @@ class Fanout:
         t0 = time.perf_counter()
         self.cache: KVCache = model.new_cache(1)
         with torch.inference_mode():
-            model(torch.tensor([list(ids)], device=model.device), self.cache, observer=record, last_only=True)
+            self.logits = model(
+                torch.tensor([list(ids)], device=model.device), self.cache, observer=record, last_only=True
+            )[:, -1]
         self.prefill_s = time.perf_counter() - t0
 
     def compress(
@@ -105,13 +113,20 @@ class Fanout:
         if run is not None and run.press != press:
             raise ValueError(f"the run is one of press {run.press.name}, not of {press.name}")
         if run is None:
-            run = press.start(keep_scores=with_scores)
+            run = press.start(keep_scores=with_scores, model=self.model)
         elif with_scores and run.scores is None:
             run.scores = {}
-        if run.memo is None and not press.is_full:
+        run._bind(self.model)
+        if run.memo is None and not press.is_full and not press.looks_ahead:
             run.memo = self._memo_for(press)
         cache = self.cache if in_place else self.cache.fork()
         self._consumed = in_place
+        if press.looks_ahead:
+            with torch.inference_mode():
+                run.compress_lookahead(
+                    cache, self.logits, self.q, self.q_pos, base_memo=self._memo_for(press.base_press)
+                )
+            return cache if not with_scores else (cache, self._by_position(run))
         observe = run.prefill_observer()
         if observe is not None:
             with torch.inference_mode():
@@ -130,11 +145,17 @@ class Fanout:
             return None
 
     def _by_position(self, run: PressRun) -> Tensor:
-        L = len(self.cache.layers)
-        H = self.cache.layers[0].n_kv_heads
-        out = torch.full((L, H, self.n), -math.inf)
-        for i, (s, pos) in (run.scores or {}).items():
-            valid = pos[0] >= 0
-            for h in range(H):
-                out[i, h, pos[0, h][valid[h]].cpu()] = s[0, h][valid[h]].float().cpu()
-        return out
+        return scores_by_position(
+            run.scores or {}, len(self.cache.layers), self.cache.layers[0].n_kv_heads, self.n
+        )
+
+
+def scores_by_position(scores: dict[int, tuple[Tensor, Tensor]], L: int, H: int, n: int) -> Tensor:
+    """`PressRun.scores` (layer -> (scores, slot positions), row 0) as (L, H, n) float32 on the CPU by
+    position; -inf where no slot holds a position."""
+    out = torch.full((L, H, n), -math.inf)
+    for i, (s, pos) in scores.items():
+        valid = pos[0] >= 0
+        for h in range(H):
+            out[i, h, pos[0, h][valid[h]].cpu()] = s[0, h][valid[h]].float().cpu()
+    return out

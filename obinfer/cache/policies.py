@@ -85,6 +85,7 @@ class Policy:
     name = "policy"
     uses_score = True
     decode_time = False
+    lookahead = False  # observation queries can come from after the prompt (LAQ: obinfer/cache/lookahead.py)
 
     # ------------------------------------------------------------------ what is observed
     def observed_span(self, n: int) -> tuple[int, int] | None:
@@ -104,6 +105,12 @@ class Policy:
         """How many of the last prompt queries `score` reads for a prompt of n tokens (0: none)."""
         span = self.observed_span(n)
         return 0 if span is None else n - span[0]
+
+    def reserved(self, n: int) -> int:
+        """Slots the policy keeps in every layer whatever the budget, for a row of n valid tokens (SnapKV's
+        window, TOVA's last token); layer budgets (`obinfer/cache/layer_budgets.py`) spread only the rest.
+        Default 0."""
+        return 0
 
     # ------------------------------------------------------------------ prefill
     def score(self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fn: ScoreFn, gqa: str) -> Tensor:
@@ -131,6 +138,14 @@ class Policy:
         state. pos: (B, Hkv, S) slot positions; q_pos: as given to `score`.
         """
         return scores
+
+    def score_lookahead(
+        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fn: ScoreFn, gqa: str
+    ) -> Tensor:
+        """Like `score`, but every query of q (B, Hq, T', D) observes, including queries from after the
+        prompt (LAQ's lookahead queries, not in the cache): the policy's observation window is replaced,
+        its protection is not. Only policies with `lookahead = True` have it. Pure."""
+        raise PressError(f"{self.name} cannot observe lookahead queries")
 
     # ------------------------------------------------------------------ decode
     def decode_scores(
@@ -167,9 +182,13 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
     check_name("policy", name)
     if name in POLICIES:
         raise ValueError(f"policy {name!r} is already registered")
-    allocators = getattr(sys.modules.get("obinfer.cache.allocators"), "ALLOCATORS", {})
-    if name in allocators:
-        raise ValueError(f"policy {name!r} would shadow the allocator of that name")
+    for mod, attr, kind in (
+        ("obinfer.cache.allocators", "ALLOCATORS", "allocator"),
+        ("obinfer.cache.layer_budgets", "LAYER_BUDGETS", "layer budget"),
+        ("obinfer.cache.lookahead", "QUERY_SOURCES", "query source"),
+    ):
+        if name in getattr(sys.modules.get(mod), attr, {}):
+            raise ValueError(f"policy {name!r} would shadow the {kind} of that name")
     if "__dataclass_fields__" not in cls.__dict__:
         cls = dataclass(frozen=True)(cls)
     POLICIES[name] = cls
@@ -196,6 +215,7 @@ class SnapKV(Policy):
     """
 
     name = "snapkv"
+    lookahead = True
     window: int = 64
     kernel: int = 5
     pooling: str = "avg"  # or "max" (the OBCache paper uses max-pool, kernel 7)
@@ -212,20 +232,50 @@ class SnapKV(Policy):
     def observed_span(self, n: int) -> tuple[int, int] | None:
         return (n - min(self.window, n), n) if n > 0 else None
 
+    def reserved(self, n: int) -> int:
+        return self.window if n > self.window else 0
+
     def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
-        n = k.shape[2]
-        w = min(self.window, n)
+        w = min(self.window, k.shape[2])
         s = score_fn(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa))  # (B, Hkv, n)
+        return self._rank(s, pos, q_pos[:, -w:])
+
+    def score_lookahead(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
+        """Every given query observes (LAQ's lookahead queries, and LAQ++'s prompt tail); the last
+        `window` prompt tokens are still protected and the rest pooled, as in `score`."""
+        k, v, pos = layer.dense()
+        return self._rank(score_fn(ScoreInputs(q, k, v, q_pos, pos, gqa)), pos, q_pos)
+
+    def _rank(self, s: Tensor, pos: Tensor, obs_pos: Tensor) -> Tensor:
+        """Summed scores s (B, Hkv, n) -> the ranking: the last `window` slots protected, the rest pooled;
+        rows not longer than the window observed whole. obs_pos: (B, W) positions of the observers.
+
+        "The last slots" are each head's newest valid ones: a ragged layer (a chunked prefill compresses
+        rows and AdaKV heads to different lengths, and `dense` pads them at the end) is first rolled so
+        that every head's last valid slot is the last slot, ranked, and rolled back."""
+        n = s.shape[-1]
+        if n and not bool((pos[..., -1] >= 0).all()):
+            ar = torch.arange(n, device=pos.device)
+            last = torch.where(pos >= 0, ar, -1).amax(-1, keepdim=True)  # (B, Hkv, 1)
+            last = torch.where(last < 0, n - 1, last)  # an empty head stays as it is
+            idx = (ar - (n - 1 - last)) % n  # aligned[j] = x[idx[j]]: the last valid slot goes to n - 1
+            ranked = self._rank_aligned(s.gather(-1, idx), pos.gather(-1, idx), obs_pos)
+            return torch.empty_like(ranked).scatter_(-1, idx, ranked)
+        return self._rank_aligned(s, pos, obs_pos)
+
+    def _rank_aligned(self, s: Tensor, pos: Tensor, obs_pos: Tensor) -> Tensor:
+        n = s.shape[-1]
+        w = min(self.window, n)
         short = (pos[:, 0] >= 0).sum(-1) <= self.window  # (B,) rows observed whole
         if bool(short.all()):
-            return _invalid(self._whole_prompt(s, pos, q_pos[:, -w:]), pos)
+            return _invalid(self._whole_prompt(s, pos, obs_pos), pos)
         ctx = s[..., : n - w].masked_fill(pos[..., : n - w] < 0, 0.0)
         out = torch.cat(
             [pool_scores(ctx, self.kernel, self.pooling), torch.full_like(s[..., n - w :], INF)], -1
         )
         if bool(short.any()):
-            out = torch.where(short[:, None, None], self._whole_prompt(s, pos, q_pos[:, -w:]), out)
+            out = torch.where(short[:, None, None], self._whole_prompt(s, pos, obs_pos), out)
         return _invalid(out, pos)
 
     def _whole_prompt(self, s: Tensor, pos: Tensor, obs_pos: Tensor) -> Tensor:
@@ -247,6 +297,7 @@ class TOVA(Policy):
 
     name = "tova"
     decode_time = True
+    lookahead = True
     per_head: bool = False  # option: each KV head ranks by its own group's score
 
     def __post_init__(self) -> None:
@@ -255,9 +306,17 @@ class TOVA(Policy):
     def observed_span(self, n: int) -> tuple[int, int] | None:
         return (n - 1, n) if n > 0 else None
 
-    def _last_query(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
+    def reserved(self, n: int) -> int:
+        return 1 if n > 0 else 0
+
+    def score_lookahead(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
+        """Every given query observes (summed); the last prompt token is still always kept."""
+        s, pos = self._last_query(q, q_pos, layer, score_fn, gqa, last=q.shape[2])
+        return s.masked_fill((pos == pos.amax(dim=(1, 2), keepdim=True)) & (pos >= 0), INF)
+
+    def _last_query(self, q, q_pos, layer, score_fn, gqa, last: int = 1):  # noqa: ANN001
         k, v, pos = layer.dense()
-        s = score_fn(ScoreInputs(q[:, :, -1:], k, v, q_pos[:, -1:], pos, gqa))
+        s = score_fn(ScoreInputs(q[:, :, -last:], k, v, q_pos[:, -last:], pos, gqa))
         if not self.per_head:
             s = s.masked_fill(pos < 0, 0.0).mean(1, keepdim=True).expand_as(s)
         return _invalid(s, pos), pos

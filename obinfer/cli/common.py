@@ -84,7 +84,15 @@ def add_press_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="policy option, e.g. window=32 (snapkv), normalize=visible (h2o), per_head=true (tova)",
+        help="policy option, e.g. window=32 (snapkv), normalize=visible (h2o), per_head=true (tova), "
+        "beta=20 (pyramid), lookahead=8 (laq)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="feed the prompt in blocks of N tokens, compressing every layer to the budget after each "
+        "block: no layer holds more than budget + N tokens per head (default: one block)",
     )
 
 

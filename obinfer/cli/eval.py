@@ -4,6 +4,7 @@
         --length 2048 --samples 20 --out results/
     obinfer eval ... --out results/ --resume          # continue an interrupted run
     obinfer report results/ --per-task                # tables, comparisons, PNGs in results/plots
+    torchrun --nproc-per-node 4 -m obinfer eval ... --device cuda --out results/   # 4 GPUs, one shard each
 """
 
 from __future__ import annotations
@@ -54,35 +55,74 @@ def _tasks(text: str) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from obinfer.eval.protocol import count_tokens_fn
-    from obinfer.eval.results import RESULTS_FILE, check_out_dir, check_run_info
-    from obinfer.eval.runner import EvalConfig, run_eval
-    from obinfer.eval.samples import check_lengths, load_samples
+    from obinfer.eval import distributed
+    from obinfer.eval.results import RESULTS_FILE, check_out_dir
+    from obinfer.eval.runner import EvalConfig
+    from obinfer.eval.samples import check_lengths
+    from obinfer.loading import check_device
 
     modes = ["aware"] if args.query_aware else _split(args.modes, "modes")
     tasks, lengths = _tasks(args.tasks), _ints(args.length, "length")
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if not args.dist_timeout > 0:
+        raise UserError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     check_lengths(tasks, lengths)  # too small for a task: before the model is loaded
     presses, ratios = _split(args.presses, "presses"), _floats(args.ratios, "ratios")
-    cfg = EvalConfig(presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill, batch=args.batch)
+    cfg = EvalConfig(
+        presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill, batch=args.batch,
+        prefill_chunk=args.prefill_chunk,
+    )  # fmt: skip
     out = Path(args.out)
     check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
-    model, tok, model_dir = load(args.model, args.dtype, args.device, args.weights_dir, args.quantize)
+    world = distributed.world_from_env()  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK; none: one process
+    device = distributed.rank_device(args.device, world)
+    check_device(device)  # before torch.distributed picks nccl for it
+    group = distributed.Group(world, device, args.dist_timeout) if world.is_distributed else None
+    try:
+        t0 = time.perf_counter()
+        rows = _eval_ranks(args, cfg, out, device, world, group, tasks, lengths)
+    finally:
+        if group is not None:
+            group.close()
+    if world.is_main:
+        print(f"{len(rows)} results in {out / RESULTS_FILE} ({time.perf_counter() - t0:.1f} s this run)")
+        print(f"tables and plots: obinfer report {out}")
+    else:
+        print(f"rank {world.rank} of {world.size}: done, {len(rows)} results in its shard "
+              f"(rank 0 merges the shards into {out / RESULTS_FILE})")  # fmt: skip
+
+
+def _eval_ranks(args: argparse.Namespace, cfg: Any, out: Path, device: str, world: Any, group: Any,
+                tasks: list[str], lengths: list[int]) -> list[dict]:  # fmt: skip
+    """Load the model, the samples (rank 0 makes them, then the other ranks read them) and run."""
+    from obinfer.eval.protocol import count_tokens_fn
+    from obinfer.eval.results import check_run_info
+    from obinfer.eval.runner import run_eval
+    from obinfer.eval.samples import check_lengths, load_samples
+
+    model, tok, model_dir = load(args.model, args.dtype, device, args.weights_dir, args.quantize)
     # too large for the model: before any sample is generated
     check_lengths(tasks, lengths, model.cfg.max_position_embeddings, args.max_new_tokens)
     cfg.model_name = Path(model_dir).name
     chat = tok.has_chat_template if args.chat is None else args.chat
     info = {"model": cfg.model_name, "dtype": dtype_label(args), "seed": args.seed, "chat": chat}
-    check_run_info(out, info, args.resume)
     count = count_tokens_fn(tok)
-    samples = load_samples(
-        out, tasks, lengths, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
-    )
-    t0 = time.perf_counter()
-    rows = run_eval(model, tok, samples, cfg, out, resume=args.resume, progress=not args.no_progress)
-    print(f"{len(rows)} results in {out / RESULTS_FILE} ({time.perf_counter() - t0:.1f} s this run)")
-    print(f"tables and plots: obinfer report {out}")
+
+    def samples() -> list[dict]:
+        return load_samples(
+            out, tasks, lengths, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
+        )
+
+    if world.is_main:
+        check_run_info(out, info, args.resume)
+        rows = samples()
+    if group is not None:
+        group.barrier("the samples (made by rank 0)")
+    if not world.is_main:
+        rows = samples()  # rank 0's sample files, read
+    progress = world.is_main and not args.no_progress
+    return run_eval(model, tok, rows, cfg, out, resume=args.resume, progress=progress, group=group)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -151,6 +191,13 @@ def _add_eval(sub: Any) -> None:
         action="store_true",
         help="prefill again for every press (naive; for timing comparisons)",
     )
+    e.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="block-wise prefill: N tokens per block, every layer compressed to the press's budget after "
+        "each block (bounded memory; each press prefills on its own). Write to its own --out",
+    )
     e.add_argument("--max-new-tokens", type=int, help="cap the tasks' answer lengths (for quick runs)")
     e.add_argument(
         "--batch",
@@ -171,6 +218,13 @@ def _add_eval(sub: Any) -> None:
     )
     e.add_argument("--essays-dir", help="where `obinfer fetch-essays` put the essays (default: its default)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        help="under torchrun: seconds to wait for the other ranks (to start; for rank 0 to make the samples), "
+        "and without a new result from a rank before it counts as dead (default 1800)",
+    )
     e.set_defaults(func=cmd_eval)
 
 

@@ -61,6 +61,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     context = read_text(args.context_file) if args.context_file else None
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1 (tokens per block), got {args.prefill_chunk}")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)  # checked before loading
     model, tok, _ = load_args(args)
     if context is None:  # a plain prompt: all of it is prefilled (and compressed, with a press)
@@ -85,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         press=press,
         question=question,
         stats=stats,
+        prefill_chunk=args.prefill_chunk,
     ):
         sys.stdout.write(dec.push(t))
         sys.stdout.flush()
@@ -104,6 +107,7 @@ def print_stats(stats, press, file=sys.stderr) -> None:  # noqa: ANN001
         f"cache bytes        {_mib(stats.cache_bytes_full)} before press -> {_mib(stats.cache_bytes_kept)} kept"
     )
     p(f"cache bytes (end)  {_mib(stats.cache_bytes)} allocated after decoding")
+    p(f"cache bytes (peak) {_mib(stats.cache_bytes_peak)} during the prefill")
     if not press.is_full:
         if stats.observed_queries is not None:
             whole = press.observed_span(stats.prompt_tokens) == (0, stats.prompt_tokens)

@@ -93,7 +93,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.highlight_text:
         highlight.update(find_text(pieces, args.highlight_text))
     span = parse_span(args.span, len(ids)) if args.span else None
-    insp = Inspection(pieces, run_presses(model, ids, presses), sorted(highlight))
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise InspectError(f"--prefill-chunk must be >= 1 (tokens per block), got {args.prefill_chunk}")
+    insp = Inspection(pieces, run_presses(model, ids, presses, chunk=args.prefill_chunk), sorted(highlight))
     _print_summary(insp)
     if args.out:
         print(f"wrote {plot_inspection(insp, args.out, span, args.title, args.dpi)}", file=sys.stderr)

@@ -9,6 +9,8 @@ One module a concern, each importing only the ones above it in this list:
 * ``results.py``: the results directory: ``results.jsonl`` (appending a row durably, scanning for
   ``--resume``, reading for the report), ``run.json`` (the settings checked on ``--resume``).
 * ``samples.py``: the sample cache in ``<out>/data``.
+* ``distributed.py``: the evaluation under torchrun: which rank runs which sample, per-rank results
+  shards, resume by row identity on any world size, rank 0's merge.
 * ``runner.py``: the settings (``EvalConfig``) and the loop: one shared prefill per sample, a fork per
   press, greedy answers appended to the results.
 * ``report.py``: tables, OBCache-vs-baseline comparisons and plots of a results file.

@@ -4,9 +4,10 @@
   RULER headline number, the mean over tasks of each task's mean string-match score (x100), with the
   number of samples behind it. ``per_task=True`` adds one table per task.
 * Comparison: each OBCache variant (``<family>-obv/obk/obkv``) against its baseline (``<family>``,
-  the same policy and allocator with the attention score): paired bootstrap CI of the accuracy
-  difference on the same samples, per ratio and pooled over ratios (per-sample mean over the ratios,
-  so a sample counts once).
+  the same policy and allocator with the attention score), and each press with a query source or layer
+  budget (``laq-``, ``pyramid-``, ...) against the press without it (``PressName.base``): paired
+  bootstrap CI of the accuracy difference on the same samples, per ratio and pooled over ratios
+  (per-sample mean over the ratios, so a sample counts once).
 * Plots (matplotlib, Agg canvas): accuracy against ratio with one line per press, each variant in its
   baseline's colour with its own line style and marker, full cache as a horizontal line; needle depth x
   length heatmaps for the single-needle niah tasks, full cache and per (press, ratio).
@@ -25,7 +26,7 @@ from obinfer.cache.allocators import DEFAULT_ALLOCATOR
 from obinfer.cache.presses import FULL_NAME
 from obinfer.errors import require
 from obinfer.eval import EvalError
-from obinfer.eval.results import ResultsError, ResultsMissing, Rows, output_dir, press_name, scan_results
+from obinfer.eval.results import ResultsError, ResultsMissing, Rows, output_dir, press_name, scan_results_dir
 from obinfer.storage import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -156,25 +157,29 @@ def compare_variants(rows: Rows, n_boot: int = 2000, seed: int = 0) -> list[dict
         by_press = {p: _scores_by_sample([r for rs in d.values() for r in rs]) for p, d in presses.items()}
         for variant in press_order(list(presses)):
             p = press_name(variant)
-            base = p.family
-            if p.is_full or p.score == "attn" or base not in by_press:
-                continue
-            va, vb = by_press[variant], by_press[base]
-            ratios = sorted(set(va) & set(vb))
-            for ratio in [*ratios, "all"] if len(ratios) > 1 else ratios:
-                a, b = _pooled(va, vb, ratios) if ratio == "all" else (va[ratio], vb[ratio])
-                res = _compare(a, b, n_boot, seed)
-                if res is not None:
-                    out.append(
-                        {
-                            "mode": mode,
-                            "length": length,
-                            "variant": variant,
-                            "baseline": base,
-                            "ratio": ratio,
-                            **res,
-                        }
-                    )
+            # an OBCache score against its attn family; a query source or layer budget (laq-, pyramid-,
+            # epi-) against the press without it (PressName.base)
+            bases = [p.family] if p.score != "attn" else []
+            bases += [p.base] if p.base != variant else []
+            for base in bases if not p.is_full else []:
+                if base in by_press:
+                    out += _compare_pair(mode, length, variant, base, by_press, n_boot, seed)
+    return out
+
+
+def _compare_pair(
+    mode: str, length: int, variant: str, base: str, by_press: dict, n_boot: int, seed: int
+) -> list[dict[str, Any]]:
+    """The paired comparisons of `variant` against `base` at every shared ratio (and pooled)."""
+    out = []
+    va, vb = by_press[variant], by_press[base]
+    ratios = sorted(set(va) & set(vb))
+    for ratio in [*ratios, "all"] if len(ratios) > 1 else ratios:
+        a, b = _pooled(va, vb, ratios) if ratio == "all" else (va[ratio], vb[ratio])
+        res = _compare(a, b, n_boot, seed)
+        if res is not None:
+            row = {"mode": mode, "length": length, "variant": variant, "baseline": base, "ratio": ratio}
+            out.append({**row, **res})
     return out
 
 
@@ -182,7 +187,8 @@ def format_comparisons(comps: list[dict[str, Any]]) -> str:
     if not comps:
         return "no OBCache variant with its baseline in these results (e.g. snapkv and snapkv-obk)"
     lines = [
-        "OBCache variant - baseline, accuracy points, paired bootstrap 95% CI ('all' = pooled over ratios)",
+        "variant - baseline (an OBCache score vs attn; laq-/pyramid-/epi- vs the press without it), "
+        "accuracy points, paired bootstrap 95% CI ('all' = pooled over ratios)",
         f"{'mode':<9}{'length':>7}  {'variant':<20}{'baseline':<16}{'ratio':>6}{'diff':>8}  {'95% CI':<18}{'n':>5}  verdict",
     ]
     for c in comps:
@@ -353,12 +359,13 @@ def make_report(
 
     Unusable lines of the results file are skipped with one message to `warn` (default: a logged
     warning) naming the file and the first few line numbers; ``strict=True`` raises ResultsError instead.
+    A results directory's unmerged shards (a torchrun job still running, or one that died) are read too.
     """
     if n_boot < 1:
         raise ReportError(f"the number of bootstrap resamples must be >= 1, got {n_boot}")
     if seed < 0:
         raise ReportError(f"the bootstrap seed must be >= 0, got {seed}")
-    scan = scan_results(results)
+    scan = scan_results_dir(results)
     if scan.bad and strict:
         raise ResultsError(scan.bad_lines_error())
     if scan.bad and not scan.rows:

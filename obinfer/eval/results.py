@@ -1,5 +1,7 @@
 """A results directory: ``results.jsonl`` (one row per answer), ``run.json`` (what produced it), and the
-subdirectories the runner and the report write into (``data/``, ``plots/``).
+subdirectories the runner and the report write into (``data/``, ``plots/``, and ``shards/``: the
+per-rank results files of a run under torchrun, merged into ``results.jsonl`` at its end, see
+``obinfer/eval/distributed.py``).
 
 ``results.jsonl`` is appended one row per (sample, press, ratio, mode) as answers arrive, each line
 written whole and fsync'ed, or cut back off if the write fails (:func:`append_line`), so an interrupted
@@ -30,6 +32,8 @@ RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
 RUN_KEYS = ("model", "dtype", "seed", "chat")  # run.json entries that must match to resume
 RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
+SHARD_DIR = "shards"  # <out>/shards/rank00001-of-00004.jsonl: one results file per rank of a torchrun job
+SHARD_GLOB = "rank*-of-*.jsonl"
 
 Rows = list[dict[str, Any]]
 logger = logging.getLogger(__name__)
@@ -106,6 +110,7 @@ class BadLine:
     line: int  # 1-based line number
     offset: int  # byte offset of the line's start
     reason: str
+    path: Path | None = None  # the file, when a scan covers several (None: the scan's own path)
 
 
 @dataclass
@@ -124,14 +129,14 @@ class ResultsScan:
     def describe(self, bad: Sequence[BadLine] | None = None, first: int = 3) -> str:
         """``PATH:3 (not valid JSON), PATH:9 (...) and 2 more`` for the first few bad lines."""
         bad = self.bad if bad is None else bad
-        text = ", ".join(f"{self.path}:{b.line} ({b.reason})" for b in bad[:first])
+        text = ", ".join(f"{b.path or self.path}:{b.line} ({b.reason})" for b in bad[:first])
         return text + (f" and {len(bad) - first} more" if len(bad) > first else "")
 
     def bad_lines_error(self) -> str:
         """The message refusing this file: its first bad line and how many there are."""
         b, n = self.bad[0], len(self.bad)
         more = f" ({n} unreadable lines in all)" if n > 1 else ""
-        return f"{self.path}:{b.line}: {b.reason}{more}; fix or delete the line(s) to use this file"
+        return f"{b.path or self.path}:{b.line}: {b.reason}{more}; fix or delete the line(s) to use this file"
 
 
 def results_path(path: Path | str) -> Path:
@@ -170,6 +175,37 @@ def scan_results(path: Path | str) -> ResultsScan:
     return ResultsScan(p, rows, bad, last, data)
 
 
+def shard_files(out_dir: Path | str) -> list[Path]:
+    """The per-rank results files of a results directory (``<out>/shards/rank*-of-*.jsonl``), sorted."""
+    d = Path(out_dir) / SHARD_DIR
+    return sorted(p for p in d.glob(SHARD_GLOB) if p.is_file()) if d.is_dir() else []
+
+
+def scan_results_dir(path: Path | str) -> ResultsScan:
+    """:func:`scan_results` of a results directory's ``results.jsonl`` and of its unmerged shards (a run
+    under torchrun still going, or one that died): their rows, each (task, length, index, press, ratio,
+    mode) once, and their bad lines, each naming its file. A file path is scanned alone.
+
+    Raises ResultsMissing if there is neither a results file nor a shard.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return scan_results(p)
+    main, shards = p / RESULTS_FILE, shard_files(p)
+    if not shards:
+        return scan_results(p)
+    scans = [scan_results(f) for f in ([main] if main.exists() else []) + shards]
+    rows: Rows = []
+    seen: set[tuple] = set()
+    for scan in scans:
+        for row in scan.rows:
+            if (key := result_key(row)) not in seen:
+                seen.add(key)
+                rows.append(row)
+    bad = [BadLine(b.line, b.offset, b.reason, scan.path) for scan in scans for b in scan.bad]
+    return ResultsScan(main, rows, bad, 0, b"")
+
+
 def read_results(path: Path | str, with_errors: bool = False, strict: bool = False) -> Any:
     """Rows of a results JSONL file (or directory); unusable lines are skipped (see :func:`scan_results`).
 
@@ -197,9 +233,9 @@ def output_dir(path: Path | str, what: str) -> Path:
 def check_out_dir(out_dir: Path | str, resume: bool, scan: bool = True) -> Path:
     """Check a results directory before anything runs; returns its results file.
 
-    Raises ResultsError if `out_dir` is a file, its results file is a directory, the results file
-    already has rows and `resume` is off, or (resuming, with `scan`) the file has a damaged line other
-    than a torn last one.
+    Raises ResultsError if `out_dir` is a file, its results file is a directory, the results file (or a
+    shard of a torchrun job) already has rows and `resume` is off, or (resuming, with `scan`) one of
+    them has a damaged line other than a torn last one.
     """
     out_dir = Path(out_dir)
     path = out_dir / RESULTS_FILE
@@ -214,6 +250,14 @@ def check_out_dir(out_dir: Path | str, resume: bool, scan: bool = True) -> Path:
             )
         if scan:
             scan_for_resume(path)
+    for shard in shard_files(out_dir):
+        if shard.stat().st_size and not resume:
+            raise ResultsError(
+                f"{shard} already exists (a torchrun job's results): pass --resume to continue that run, "
+                "or choose another --out"
+            )
+        if scan:
+            scan_for_resume(shard)
     return path
 
 
@@ -237,6 +281,12 @@ def scan_for_resume(path: Path) -> tuple[Rows, bytes | None]:
 def open_for_resume(path: Path, resume: bool) -> set[tuple]:
     """Keys already done; repairs a torn last line (atomically). Refuses to mix runs unless resuming."""
     check_out_dir(path.parent, resume, scan=False)
+    return repair_for_append(path)
+
+
+def repair_for_append(path: Path) -> set[tuple]:
+    """Keys of the rows in `path` (a results file this process alone appends to); a torn last line is
+    dropped (atomically) so that the next row starts a line of its own."""
     if not path.exists() or path.stat().st_size == 0:
         return set()
     rows, repaired = scan_for_resume(path)

@@ -18,8 +18,9 @@ loop (a fresh prefill per press) for timing comparisons.
 
 Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive,
 each line whole and fsync'ed, so an interrupted run loses nothing and ``resume=True`` continues it
-(`obinfer/eval/results.py`). A progress bar needs tqdm (the ``eval`` extra); without it, a progress
-line is logged every few seconds.
+(`obinfer/eval/results.py`). Under torchrun (``group=``), each rank runs its share of the samples into
+its own shard and rank 0 merges them at the end (`obinfer/eval/distributed.py`). A progress bar needs
+tqdm (the ``eval`` extra); without it, a progress line is logged every few seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from obinfer.cache.fanout import Fanout
 from obinfer.cache.kv_cache import KVCache
 from obinfer.cache.presses import FULL_NAME, PressName, make_press
 from obinfer.eval import EvalError
+from obinfer.eval import distributed as dist
 from obinfer.eval.metrics import score_row
 from obinfer.eval.protocol import MODES, check_fits, check_length, sample_prompt
 from obinfer.eval.results import (
@@ -45,7 +47,9 @@ from obinfer.eval.results import (
     open_for_resume,
     output_dir,
     read_results,
+    repair_for_append,
     result_key,
+    shard_files,
 )
 from obinfer.generate import stream
 from obinfer.models.llama import Transformer
@@ -77,6 +81,8 @@ class EvalConfig:
         reprefill: prefill again for every press (the naive loop; same answers, slower).
         batch: compressed caches of one sample decoded together as one batch of (ragged) rows; bounds
             memory (each row holds its own compressed cache); 1 decodes them one at a time.
+        prefill_chunk: block-wise prefill with this many tokens per block (every press prefills on its
+            own, compressing after each block: `PressRun.prefill`); None: one-shot.
         model_name: recorded in every result row.
     """
 
@@ -88,6 +94,7 @@ class EvalConfig:
     reprefill: bool = False
     model_name: str = ""
     batch: int = 8
+    prefill_chunk: int | None = None
     combos: list[Combo] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +110,9 @@ class EvalConfig:
             raise EvalError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise EvalError(f"batch must be an integer >= 1, got {self.batch!r}")
+        c = self.prefill_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise EvalError(f"prefill_chunk must be an integer >= 1 (tokens per block), got {c!r}")
         self.combos = press_grid(self.presses, self.ratios)
 
 
@@ -194,8 +204,8 @@ def run_sample(
     max_new = min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
     check_fits(row, prompt, max_new, model.cfg.max_position_embeddings)
     ctx, q = prompt.prefill, prompt.after
-    if cfg.reprefill:
-        results = _reprefilled(model, tok, ctx, q, max_new, combos)
+    if cfg.reprefill or cfg.prefill_chunk is not None:  # chunked: each press's own block-wise prefill
+        results = _reprefilled(model, tok, ctx, q, max_new, combos, cfg.prefill_chunk)
     else:
         results = _shared(model, tok, ctx, q, max_new, combos, cfg.batch)
     for combo, res in results:
@@ -238,21 +248,29 @@ def _shared(
 
 
 def _reprefilled(
-    model: Transformer, tok: Any, ctx: list[int], q: list[int], max_new: int, combos: Sequence[Combo]
+    model: Transformer,
+    tok: Any,
+    ctx: list[int],
+    q: list[int],
+    max_new: int,
+    combos: Sequence[Combo],
+    chunk: int | None = None,
 ) -> Iterator[tuple[Combo, dict[str, Any]]]:
     """The naive loop: a fresh prefill per press, compressing inside it (the press's prefill observer)."""
     ids = torch.tensor([ctx], device=model.device)
     for combo in combos:
-        run = make_press(combo.press, compression_ratio=combo.ratio).start()
+        run = make_press(combo.press, compression_ratio=combo.ratio).start(model=model)
         t0 = time.perf_counter()
         cache = model.new_cache(1)
         with torch.inference_mode():
-            model(ids, cache, observer=run.prefill_observer(), last_only=True)
+            run.prefill(model, ids, cache, chunk=chunk)  # every press; block-wise with a chunk
         t1 = time.perf_counter()
         full_bytes = run.bytes_before or cache.nbytes()
         res = _cache_fields(cache, full_bytes, len(ctx) * sum(L.n_segments for L in cache.layers))
         res["_pred"], res["_new"] = answer(model, tok, cache, q, max_new)
         res.update(prefill_s=t1 - t0, compress_s=0.0, decode_s=time.perf_counter() - t1, shared_prefill=False)
+        if chunk is not None:
+            res.update(prefill_chunk=chunk, cache_bytes_peak=max(run.peak_bytes, full_bytes))
         yield combo, res
 
 
@@ -324,6 +342,14 @@ class _Progress:
             self.bar.close()
 
 
+def result_order(samples: Sequence[dict[str, Any]], cfg: EvalConfig) -> dict[tuple, int]:
+    """Row key -> its place in the order a single process writes a fresh run's rows."""
+    keys = (
+        result_key(_base_row(row, mode, c, cfg)) for row in samples for mode in cfg.modes for c in cfg.combos
+    )
+    return {k: i for i, k in enumerate(keys)}
+
+
 def run_eval(
     model: Transformer,
     tok: Any,
@@ -334,6 +360,7 @@ def run_eval(
     resume: bool = False,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    group: dist.Group | None = None,
 ) -> list[dict[str, Any]]:
     """Run every (sample, mode, press, ratio) not yet in ``<out_dir>/results.jsonl`` and append it there.
 
@@ -346,30 +373,57 @@ def run_eval(
             kill, is dropped and its row redone).
         progress: a progress bar (tqdm), or without tqdm a progress line every few seconds.
         on_result: called with each new result row right after it is written.
+        group: the ranks of a torchrun job (every rank calls this with the same samples): this rank runs
+            its share into its shard; rank 0 waits for the others and merges every shard into
+            ``results.jsonl``. Rows finished in any earlier run (any world size, shards included) are
+            skipped.
     Returns:
-        Every row of the results file.
+        Every row of the results file (under torchrun: rank 0 the merged rows, another rank its shard's).
     Raises:
         EvalError: bad settings, an `out_dir` that is a file, results already there without `resume`,
-            a damaged results file, a sample that does not fit the model.
+            a damaged results file, a sample that does not fit the model; DistributedError: a rank that
+            did not start, died or hangs.
         OSError: the results cannot be written (read-only directory, disk full), naming the file.
     """
     out_dir = Path(out_dir)
+    world = group.world if group is not None else dist.World()
     path = check_out_dir(out_dir, resume, scan=False)
     _check_lengths(model, samples, cfg)
     output_dir(out_dir, "(the results directory)")
-    done = open_for_resume(path, resume)
-    work = _pending(samples, cfg, done)
-    total = len(samples) * len(cfg.modes) * len(cfg.combos)
+    if group is not None and world.is_distributed:
+        group.barrier("the start of the evaluation")  # every rank checked out_dir: now they write
+        path = dist.shard_path(out_dir, world)
+        output_dir(path.parent, "(the shards of a torchrun job)")
+        done = repair_for_append(path) | dist.finished_keys(out_dir, skip=path)
+    else:
+        done = open_for_resume(path, resume) | dist.finished_keys(out_dir, skip=path)
+    mine = dist.my_samples(list(samples), world)
+    work = _pending(mine, cfg, done)
+    total = len(mine) * len(cfg.modes) * len(cfg.combos)
     bar = _Progress(total, total - sum(len(c) for _, _, c in work), progress)
+    die_after, written = dist.die_after_rows(world), 0
     try:
         with appender(path) as append:
             for row, mode, combos in work:
                 bar.at(f"{row['task']} #{row['index']} {mode}")
                 for res in run_sample(model, tok, row, mode, combos, cfg):
                     append(res)
+                    written += 1
+                    if group is not None:
+                        group.row_done()
+                    if written == die_after:
+                        dist.die_now(path)
                     bar.step()
                     if on_result is not None:
                         on_result(res)
     finally:
         bar.close()
+    if group is not None and world.is_distributed:
+        group.finish()
+        if not world.is_main:
+            return read_results(path)
+        group.wait_for_ranks()
+        return dist.merge_results(out_dir, result_order(samples, cfg))
+    if shard_files(out_dir):  # a torchrun job's shards, resumed in one process
+        return dist.merge_results(out_dir, result_order(samples, cfg))
     return read_results(path)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from obinfer.cache.fanout import Fanout
+from obinfer.cache.fanout import Fanout, scores_by_position
 from obinfer.cache.presses import Press
 from obinfer.errors import UserError
 
@@ -93,7 +93,9 @@ def observation_window(press: Press, n: int) -> tuple[int, int] | None:
 
 
 @torch.inference_mode()
-def run_presses(model: Any, ids: Sequence[int], presses: Sequence[Press]) -> list[PressView]:
+def run_presses(
+    model: Any, ids: Sequence[int], presses: Sequence[Press], chunk: int | None = None
+) -> list[PressView]:
     """One uncompressed prefill of `ids` (`obinfer/cache/fanout.py:Fanout`); each press compresses a
     fork of it, and the scores it ranked the slots by are kept for the picture.
 
@@ -101,11 +103,25 @@ def run_presses(model: Any, ids: Sequence[int], presses: Sequence[Press]) -> lis
         model: a `Transformer`.
         ids: the prompt's token ids (one row).
         presses: the presses to compare.
+        chunk: block-wise prefill (`PressRun.prefill`): each press prefills on its own, in blocks of
+            `chunk` tokens; the scores shown are those of the last block's compression.
     Returns:
         One PressView per press, in order.
     """
     if not presses:
         raise InspectError("inspect needs at least one press")
+    if chunk is not None:
+        views = []
+        for press in presses:
+            run = press.start(keep_scores=True, model=model)
+            cache = model.new_cache(1)
+            run.prefill(model, torch.tensor([list(ids)], device=model.device), cache, chunk=chunk)
+            scores = scores_by_position(
+                run.scores or {}, len(cache.layers), cache.layers[0].n_kv_heads, len(ids)
+            )
+            kept = [layer[0] for layer in cache.kept_positions()]
+            views.append(PressView(press.name, kept, scores, observation_window(press, len(ids))))
+        return views
     fan = Fanout(model, ids, presses)
     views = []
     for press in presses:
