@@ -279,3 +279,69 @@ def test_cli_generate_inspect_and_eval_take_a_chunk(
     assert len(rows) == 3 and all(r["prefill_chunk"] == 128 and not r["shared_prefill"] for r in rows)
     snap = next(r for r in rows if r["press"] == "snapkv-obk")
     assert snap["cache_bytes_peak"] < next(r for r in rows if r["press"] == "full")["cache_bytes_peak"]
+
+
+def test_qwen_answers_equal_the_slow_reference(tiny_qwen_dir):
+    """The same by-hand reference on the tiny Qwen-2.5 (q/k/v biases, tied embeddings)."""
+    qwen = load_model(tiny_qwen_dir)
+    M, N = 48, 40
+    prompt = tokens(200, seed=10)
+    for kind, press in (
+        ("snapkv", make_press("snapkv", budget=M, window=16)),
+        ("h2o", make_press("h2o", budget=M)),
+    ):
+        out, cache = run(qwen, press, [prompt], N, n_new=1)
+        ref_out, ref_kept = slow_chunked(qwen, prompt, M, N, kind, n_new=1)
+        assert kept(cache) == ref_kept and [o[0] for o in out] == ref_out, kind
+
+
+def slow_chunked_adakv(model, prompt, M, N, window=16, kernel=5, alpha=0.2):  # noqa: ANN001, ANN201
+    """Reference for AdaKV-SnapKV in blocks, head by head on the ragged segments: each head ranks its
+    own slots (the block's last `window` queries observe; its `window` newest slots protected; the rest
+    avg-pooled), keeps its top int(alpha M), and the layer keeps the global top Hkv x M."""
+    cache = model.new_cache()
+    rec = {}
+
+    def grab(idx, q, q_pos, layer):  # noqa: ANN001
+        rec[idx] = (q.clone(), q_pos.clone())
+
+    for s in range(0, len(prompt), N):
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt[s : s + N]]), cache, observer=grab)[:, -1]
+        for i, layer in enumerate(cache.layers):
+            q, q_pos = rec[i]
+            H = layer.n_kv_heads
+            ranks = []
+            for h in range(H):
+                K, _, P = layer.segment(h)
+                K, P, n = K.double(), P.tolist(), len(P)
+                score = torch.zeros(n, dtype=torch.float64)
+                for g in (2 * h, 2 * h + 1):
+                    for j in range(q.shape[2] - window, q.shape[2]):
+                        z = K @ q[0, g, j].double() / 16**0.5
+                        vis = torch.tensor(P) <= int(q_pos[0, j])
+                        score += torch.softmax(z.masked_fill(~vis, float("-inf")), -1)
+                ctx = F.avg_pool1d(F.pad(score[: n - window][None, None], (kernel // 2,) * 2), kernel, 1)[
+                    0, 0
+                ]
+                ranks.append(ctx.tolist() + [float("inf")] * window)
+            if sum(len(r) for r in ranks) <= H * M:
+                continue
+            boosted = []
+            for h, r in enumerate(ranks):
+                safe = set(sorted(range(len(r)), key=lambda j: (-r[j], j))[: int(alpha * M)])
+                boosted += [(float("inf") if j in safe else x, j, h) for j, x in enumerate(r)]
+            chosen = sorted(boosted, key=lambda t: (-t[0], t[1], t[2]))[: H * M]
+            layer.keep([torch.tensor(sorted(j for _, j, hh in chosen if hh == h)) for h in range(H)])
+    with torch.inference_mode():
+        tok = logits.argmax(-1)
+    return int(tok), [layer[0] for layer in cache.kept_positions()]
+
+
+def test_adakv_answers_equal_a_slow_reference(model):
+    M, N = 48, 40
+    prompt = tokens(200, seed=11)
+    out, cache = run(model, make_press("adakv-snapkv", budget=M, window=16), [prompt], N, n_new=1)
+    ref_tok, ref_kept = slow_chunked_adakv(model, prompt, M, N)
+    assert kept(cache) == ref_kept and out[0][0] == ref_tok
+    assert any(len(a) != len(b) for a, b in ref_kept)  # the heads are ragged

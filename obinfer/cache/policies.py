@@ -267,7 +267,7 @@ class SnapKV(Policy):
     def _rank_aligned(self, s: Tensor, pos: Tensor, obs_pos: Tensor) -> Tensor:
         n = s.shape[-1]
         w = min(self.window, n)
-        short = (pos[:, 0] >= 0).sum(-1) <= self.window  # (B,) rows observed whole
+        short = (pos >= 0).sum(-1) <= self.window  # (B, Hkv) heads observed whole (rows, in one shot)
         if bool(short.all()):
             return _invalid(self._whole_prompt(s, pos, obs_pos), pos)
         ctx = s[..., : n - w].masked_fill(pos[..., : n - w] < 0, 0.0)
@@ -275,7 +275,7 @@ class SnapKV(Policy):
             [pool_scores(ctx, self.kernel, self.pooling), torch.full_like(s[..., n - w :], INF)], -1
         )
         if bool(short.any()):
-            out = torch.where(short[:, None, None], self._whole_prompt(s, pos, obs_pos), out)
+            out = torch.where(short[..., None], self._whole_prompt(s, pos, obs_pos), out)
         return _invalid(out, pos)
 
     def _whole_prompt(self, s: Tensor, pos: Tensor, obs_pos: Tensor) -> Tensor:
