@@ -192,11 +192,21 @@ def llama_row(name: str, n: int, ob_rate: float, args: argparse.Namespace) -> No
         return
     res = llama_cpp_decode(args.llama_cpp, source.fetch(), n, args)
     if res is not None:
-        quant = source.file_name.rsplit(".", 2)[-2] if source.file_name.count(".") >= 2 else "GGUF"
+        quant = gguf_types(source.fetch())
         print(
             f"{'int8':9} {f'decode @{n} (tok/s)':22} {ob_rate:9.1f} {res['decode']:9.1f} "
             f"{ob_rate / res['decode']:6.2f}  llama.cpp ({quant}; its prefill {res['prefill']:.0f} tok/s)"
         )
+
+
+def gguf_types(path: Path) -> str:
+    """The GGUF's weight formats, most frequent first (e.g. "Q4_1" or "Q5_0, Q8_0, Q4_K")."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(path).tensors if t.tensor_type.name != "F32")
+    return ", ".join(name for name, _ in types.most_common(3))
 
 
 def main() -> None:

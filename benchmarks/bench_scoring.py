@@ -8,7 +8,8 @@ the kept slots). Every repeat first prefills with the full cache, then with each
 prefill is measured in the same conditions (interleaved). The table gives, per press, the medians over
 repeats of: scoring seconds, the scoring share of the full-cache prefill of the same repeat (the
 headline number), the share of the press's own prefill, and the press's prefill time relative to the
-full one.
+full one. `h2o...:fused=true` takes each layer's attention from the scoring pass (H2O's `fused` option):
+its scoring time then includes the layer's attention, so its cost is read from "prefill vs full".
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ import obinfer
 from obinfer.cache.presses import make_press
 from obinfer.generate import GenStats
 
-PRESSES = ["snapkv", "snapkv-obk", "snapkv-obkv", "adakv-snapkv-obk", "h2o", "h2o-obk"]
+PRESSES = ["snapkv", "snapkv-obk", "snapkv-obkv", "adakv-snapkv-obk", "h2o", "h2o-obk", "h2o:fused=true",
+           "h2o-obk:fused=true"]  # fmt: skip
+
+
+def make(spec: str, ratio: float):  # noqa: ANN201
+    """A press from "name[:key=value[;key=value]]", e.g. "h2o-obk:fused=true"."""
+    name, _, opts = spec.partition(":")
+    kw = {}
+    for item in filter(None, opts.split(";")):
+        key, _, val = item.partition("=")
+        kw[key] = {"true": True, "false": False}.get(val.lower(), int(val) if val.isdigit() else val)
+    return make_press(name, compression_ratio=ratio, **kw)
 
 
 def prefill(model, ids: torch.Tensor, press_name: str | None, ratio: float) -> tuple[float, float]:  # noqa: ANN001
@@ -31,7 +43,7 @@ def prefill(model, ids: torch.Tensor, press_name: str | None, ratio: float) -> t
     cache = model.new_cache(1)
     observer, run = None, None
     if press_name is not None:
-        run = make_press(press_name, compression_ratio=ratio).start(GenStats())
+        run = make(press_name, ratio).start(GenStats())
         observer = run.prefill_observer()
     t0 = time.perf_counter()
     model(ids, cache, observer=observer, last_only=True)
@@ -49,7 +61,9 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="a 4096-token prompt")
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--presses", default=",".join(PRESSES))
+    ap.add_argument(
+        "--presses", default=",".join(PRESSES), help="press names, each with optional :key=value;..."
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

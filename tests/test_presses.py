@@ -523,7 +523,7 @@ def test_press_errors():
             r"unknown option windw for snapkv; its options are: window, kernel, pooling$",
         ),
         ("tova", {"window": 8}, r"its options are: per_head$"),
-        ("h2o-obk", {"sinks": 2}, r"its options are: recent, normalize, chunk$"),
+        ("h2o-obk", {"sinks": 2}, r"its options are: recent, normalize, chunk, fused$"),
         ("adakv-streamingllm", {"recent": 2}, r"its options are: sinks$"),
         ("knorm", {"window": 8}, r"knorm takes no options$"),
         ("random", {"seeds": 1}, r"its options are: seed$"),

@@ -79,12 +79,15 @@ class Policy:
     """Base class of eviction policies (register subclasses with `@register_policy`).
 
     Class attributes: `name` (the press-name part, no "-"), `uses_score` (takes a `-<score>` suffix and
-    observes queries), `decode_time` (can evict while decoding). Options are dataclass fields.
+    observes queries), `decode_time` (can evict while decoding), `fuses_attention` (has
+    `score_and_attend`: its prefill scores compute the layer's attention outputs too). Options are
+    dataclass fields.
     """
 
     name = "policy"
     uses_score = True
     decode_time = False
+    fuses_attention = False
     lookahead = False  # observation queries can come from after the prompt (LAQ: obinfer/cache/lookahead.py)
 
     # ------------------------------------------------------------------ what is observed
@@ -339,6 +342,10 @@ class H2O(Policy):
     no recent window (kvpress ObservedAttentionPress, prefill only).
     `chunk`: queries scored at once (memory and speed, not results); None (default): sized by
     `score_queries_chunked` to keep each chunk's temporaries small.
+    `fused=True`: a prefill layer that evicts takes its attention outputs from the scoring pass, which
+    computes every prompt query's attention anyway (`score_and_attend`), instead of a second attention
+    pass: a faster prefill, with the layer's attention in float32 instead of the SDPA kernel, so the
+    results differ from the unfused prefill (and from `Fanout`'s shared prefill) by rounding.
 
     State: the per-slot sums live in the layer's accumulator `acc_name` (`update_state`), so decoding
     steps keep adding to them; `score` returns the plain sums and `protect` applies the normalisation.
@@ -349,12 +356,14 @@ class H2O(Policy):
     recent: int | None = None
     normalize: str = "none"  # or "visible"
     chunk: int | None = None
+    fused: bool = False
     acc_name: str = field(default="h2o", repr=False)
 
     def __post_init__(self) -> None:
         check_int(self.name, "recent", self.recent, 0, allow_none=True)
         check_choice(self.name, "normalize", self.normalize, ("none", "visible"))
         check_int(self.name, "chunk", self.chunk, 1, allow_none=True)
+        check_bool(self.name, "fused", self.fused)
         if not isinstance(self.acc_name, str) or not self.acc_name:
             raise PressError(f"h2o option acc_name must be a non-empty string, got {_show(self.acc_name)}")
 
@@ -375,6 +384,21 @@ class H2O(Policy):
             seen = q_pos[:, -1][:, None, None] + 1  # queries in the prompt per row
             return _invalid(scores / (seen - pos).clamp_min(1), pos)
         return self._protect_recent(scores, pos, q_pos[:, -1] + 1, n_kept)
+
+    @property
+    def fuses_attention(self) -> bool:  # type: ignore[override]
+        return self.fused
+
+    def score_and_attend(self, q, q_pos, layer, score_fn, gqa) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        """`score`, plus the attention outputs (B, Hq, T, D) of the T new queries (the last slots), taken
+        from the same chunks: H2O computes every prompt query's attention for its scores anyway, so the
+        model's own attention pass is not needed (`fused`; see `PressRun.compress_layer`)."""
+        k, v, pos = layer.dense()
+        out = torch.empty_like(q)
+        s = score_queries_chunked(
+            score_fn, q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True, outputs=out
+        )
+        return _invalid(s.masked_fill(pos < 0, 0.0), pos), out
 
     def _sums(self, q, q_pos, k, v, pos, score_fn, gqa) -> Tensor:  # noqa: ANN001
         """The score summed over the new queries q (the last slots), chunk by chunk; 0 on invalid slots."""

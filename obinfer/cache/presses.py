@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from obinfer.cache import allocators
+from obinfer.cache import allocators, attention
 from obinfer.cache.allocators import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
@@ -442,7 +442,8 @@ class PressRun:
         *,
         lookahead: bool = False,
         continued: bool = False,
-    ) -> None:
+        attend: bool = False,
+    ) -> Tensor | None:
         """Score the layer's slots with the prompt queries q (B, Hq, T, D) and keep the best.
 
         lookahead: every query of q observes, including queries from after the prompt
@@ -450,27 +451,43 @@ class PressRun:
         continued: q are the newest block of a chunked prefill, the layer already compressed before it:
         the ranking comes from the policy's running state (`Policy.decode_ranking`: H2O's sums over
         every block so far); no memo.
+        attend: the layer's attention has not been computed yet (q are its T newest slots): return the
+            attention outputs (B, Hq, T, D) of the uncompressed layer. When the layer evicts, a policy
+            that scores every query (`Policy.fuses_attention`, H2O) takes them from its own scoring pass
+            (float32), which then also counts in `scoring_s`; otherwise they come from
+            `attention.attend`, so a press that evicts nothing stays bit-identical to no press. Returns
+            None when not attend.
         """
         press, pol = self.press, self.press.policy
+        out = None
+        if attend and not (pol.fuses_attention and layer.is_uniform()):
+            out = attention.attend(layer, q, q.shape[2])  # before anything is evicted
         t0 = time.perf_counter()
         self.bytes_before += layer.nbytes()
         _, _, pos = layer.dense()
         n_valid = (pos >= 0).sum(-1).amax(-1)  # (B,) the longest head (one-shot prefill: all alike)
         n_kept, decode_budget = self.layer_budget(idx, n_valid)
         evicts = not (bool((n_kept >= n_valid).all()) and layer.n_invalid == 0)
+        if attend and out is None and not evicts:  # nothing evicted: the usual attention, bit for bit
+            out = attention.attend(layer, q, q.shape[2])
         if not (evicts or press.decode_evicts or continued or self.scores is not None):
             self.scoring_s += time.perf_counter() - t0
-            return  # nothing to evict, no state to keep: identical to no press (chunked: H2O's sums)
+            return out  # nothing to evict, no state to keep: identical to no press (chunked: H2O's sums)
         if evicts or press.decode_evicts:
             self.observed_queries = q.shape[2] if lookahead else pol.observed_queries(int(n_valid.min()))
         raw = None if (self.memo is None or lookahead or continued) else self.memo.get(idx)
         if raw is None:
             if lookahead:
                 raw = pol.score_lookahead(q, q_pos, layer, press.score_fn, press.gqa)
+            elif attend and out is None:
+                raw, out = pol.score_and_attend(q, q_pos, layer, press.score_fn, press.gqa)
+                out = out.to(q.dtype)
             else:
                 raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa)
-                if self.memo is not None and not continued:
-                    self.memo[idx] = raw
+            if self.memo is not None and not (continued or lookahead):
+                self.memo[idx] = raw
+        if attend and out is None:  # a memo hit: the scores were shared, the attention was not
+            out = attention.attend(layer, q, q.shape[2])
         pol.update_state(layer, raw, pos)  # also on a memo hit: the state belongs to this cache
         if continued:
             raw = pol.decode_ranking(layer, raw, pos)
@@ -482,7 +499,7 @@ class PressRun:
                 H = layer.n_kv_heads
                 self.head_budgets[idx] = [int(decode_budget[i // H]) for i in range(layer.n_segments)]
             self.scoring_s += time.perf_counter() - t0
-            return
+            return out
         mask = press.allocator(scores, n_kept)
         keep = [torch.nonzero(m, as_tuple=True)[0] for row in mask for m in row]
         t1 = time.perf_counter()
@@ -492,6 +509,7 @@ class PressRun:
         if press.decode_evicts:  # uniform: the budget; AdaKV: the head's share, plus a short row's slack
             H, slack = layer.n_kv_heads, (decode_budget - n_kept).tolist()
             self.head_budgets[idx] = [L + slack[i // H] for i, L in enumerate(layer.length)]
+        return out
 
     def _report(self) -> None:
         if self.stats is not None:
@@ -514,6 +532,13 @@ class PressRun:
             self.compress_layer(idx, q, q_pos, layer)
             self._report()
 
+        def attend_and_observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> Tensor:
+            """The layer's attention outputs, then its compression (`compress_layer(attend=True)`)."""
+            out = self.compress_layer(idx, q, q_pos, layer, attend=True)
+            self._report()
+            return out
+
+        observe.attend_and_observe = attend_and_observe  # used by Transformer.forward when present
         return observe
 
     # ------------------------------------------------------------------ whole prefills
@@ -548,6 +573,12 @@ class PressRun:
                 if observe is not None:
                     observe(idx, q, q_pos, layer)
 
+            def attend_and_compress(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> Tensor:
+                self.peak_bytes = max(self.peak_bytes, cache.nbytes())
+                return observe.attend_and_observe(idx, q, q_pos, layer)
+
+            if observe is not None:
+                compress.attend_and_observe = attend_and_compress
             logits = model(ids, cache, n_pad=n_pad, observer=compress, last_only=True)[:, -1]
             self.peak_bytes = max(self.peak_bytes, cache.nbytes())
             return logits

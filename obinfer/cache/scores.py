@@ -384,6 +384,7 @@ def score_queries_chunked(
     gqa: str = "sum",
     chunk: int | None = None,
     causal_prefix: bool = False,
+    outputs: Tensor | None = None,
 ) -> Tensor:
     """Sum a score over query chunks, so peak extra memory is O(Hq x chunk x n), never n x n.
 
@@ -398,6 +399,9 @@ def score_queries_chunked(
         causal_prefix: the W queries are the tokens held in the last W slots (a layer that was just
             appended to), so the chunk [s, e) can only see the first n - W + e slots: only those are
             scored, which halves the work of a prefill.
+        outputs: optional (B, Hq, W, D) tensor, filled with the attention outputs o_i = sum_p A_ip v_p of
+            the W queries (0 for a query that sees no slot), computed from the same chunks' A: a layer
+            whose policy scores every query (H2O) gets its attention from here instead of a second pass.
 
     Returns:
         (B, Hkv, n) float32 scores, -inf on invalid slots.
@@ -413,10 +417,11 @@ def score_queries_chunked(
     while s < W:
         e = _chunk_end(s, W, n, q.shape[1], chunk)
         end = n - W + e if causal_prefix else n
-        part = fn(
-            ScoreInputs(q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], k_pos[:, :, :end], gqa)
-        )
+        inp = ScoreInputs(q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], k_pos[:, :, :end], gqa)
+        part = fn(inp)
         total[..., :end] += part.masked_fill(invalid[..., :end], 0.0)
+        if outputs is not None:  # the score's own A and outputs when it used them (cached), else computed
+            outputs[:, :, s:e] = inp.O
         s = e
     return total.masked_fill(invalid, float("-inf"))
 

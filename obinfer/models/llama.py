@@ -28,6 +28,29 @@ from obinfer.config import ModelConfig
 Observer = Callable[[int, Tensor, Tensor, LayerCache], None]
 
 
+class LayerObserver:
+    """`observer` bound to layer `idx`, as `Attention.forward` calls it.
+
+    `observe(q, pos, layer)` runs after the layer's attention. An observer function that also carries an
+    ``attend_and_observe(idx, q, q_pos, layer)`` attribute (a press whose scores compute the attention
+    anyway, H2O: `PressRun.prefill_observer`) is instead asked for the attention outputs first
+    (`attend`), and compresses the layer itself; it returns None where it does not attend, and the
+    usual path runs.
+    """
+
+    __slots__ = ("observer", "idx", "_attend")
+
+    def __init__(self, observer: Observer, idx: int):
+        self.observer, self.idx = observer, idx
+        self._attend = getattr(observer, "attend_and_observe", None)
+
+    def __call__(self, q: Tensor, pos: Tensor, layer: LayerCache) -> None:
+        self.observer(self.idx, q, pos, layer)
+
+    def attend(self, q: Tensor, pos: Tensor, layer: LayerCache) -> Tensor | None:
+        return None if self._attend is None else self._attend(self.idx, q, pos, layer)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -102,9 +125,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # the cache now holds this step's T tokens as the last T slots of each head
         cache.append(k, v, pos, n_pad)
-        out = attention.attend(cache, q, T)  # (B, Hq, T, D): q over every slot it may see (causal, no pads)
-        if observe is not None:  # after the layer's own attention: compression never changes this step
-            observe(q, pos, cache)
+        out = observe.attend(q, pos, cache) if observe is not None else None
+        if out is None:  # (B, Hq, T, D): q over every slot it may see (causal, no pads)
+            out = attention.attend(cache, q, T)
+            if observe is not None:  # after the layer's own attention: compression never changes this step
+                observe(q, pos, cache)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -202,7 +227,7 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, pos.clamp(min=0), self.dtype)
         x = self.model.embed_tokens(ids)
         for i, (block, layer_cache) in enumerate(zip(self.model.layers, cache.layers, strict=True)):
-            observe = None if observer is None else (lambda q, p, lc, i=i: observer(i, q, p, lc))
+            observe = None if observer is None else LayerObserver(observer, i)
             x = block(x, cos, sin, pos, layer_cache, observe, n_pads)
         if last_only:
             x = x[:, -1:]
