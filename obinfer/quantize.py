@@ -115,6 +115,9 @@ def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None) ->
     Returns:
         the model (quantized; its float weights are released).
     """
+    from obinfer.weights import weights_digest
+
+    weights_digest(model)  # of the float weights, kept on the model (TRIM-KV gates files are checked by it)
     dtype = model.dtype
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if native_bf16(str(model.device)) else dtype

@@ -15,6 +15,7 @@ that are not floating point); only then are the tensors read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -254,6 +255,27 @@ def input_major(model: Transformer) -> Transformer:
     if model.cfg.tie_word_embeddings:
         model.model.embed_tokens.weight = model.lm_head.weight
     return model
+
+
+def weights_digest(model: Transformer) -> str:
+    """sha256 identifying a model's weights (TRIM-KV gates files record it): its shape, every RMSNorm
+    weight, and the first and last rows of every other weight, all rounded to bfloat16 (so a float32 and
+    a bfloat16 load of one checkpoint agree). Computed once per model, before int8 quantization replaces
+    the linear weights (`obinfer.quantize.quantize_int8` calls it first)."""
+    cached = getattr(model, "_weights_digest", None)
+    if cached is not None:
+        return cached
+    cfg = model.cfg
+    h = hashlib.sha256(
+        json.dumps([cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size]).encode()
+    )
+    for name, w in model.named_parameters():
+        w = w.detach()
+        part = w if w.dim() == 1 else torch.stack([w[0], w[-1]])
+        h.update(name.encode())
+        h.update(part.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    model._weights_digest = h.hexdigest()
+    return model._weights_digest
 
 
 def _short(names: list[str], n: int = 4) -> str:

@@ -158,3 +158,33 @@ def default_model_dir(tmp_path_factory) -> Path:
     if (existing / "model.safetensors").is_file():
         return existing
     return ensure_model(DEFAULT_MODEL, tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def trimkv_gates_for_any_model(tmp_path_factory):
+    """`trimkv` with no gates file takes the shipped gates of the loaded model and budget; the tiny test
+    models have none. For the tests that run every press, stand in random gates made on first use for
+    each (model, budget) (tests/test_trimkv.py checks the real lookup with `find_gates` itself)."""
+    from obinfer.cache import retention
+    from obinfer.weights import weights_digest
+
+    root = tmp_path_factory.mktemp("gates")
+    made: dict = {}
+
+    def fake_lookup(model, budget):  # noqa: ANN001, ANN202
+        key = (weights_digest(model), budget)
+        if key not in made:
+            torch.manual_seed(len(made))
+            g = retention.RetentionGates.for_model(model, width=4, init_bias=2.0)
+            with torch.no_grad():
+                g.w2.normal_(0, 1.0)
+            meta = {"model": "test", "weights_digest": key[0]}
+            if budget is not None:
+                meta["budget"] = budget
+            made[key] = g.save(root / f"{len(made)}.safetensors", meta)
+        return made[key]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(retention, "find_gates", fake_lookup)
+    yield
+    mp.undo()

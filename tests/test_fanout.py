@@ -63,7 +63,7 @@ def assert_same_cache(a: KVCache, b: KVCache, what: str) -> None:
 @torch.inference_mode()
 def real_prefill(model, ids: list[int], press):  # noqa: ANN001, ANN201
     """Reference: the press compresses inside the model's own prefill."""
-    cache, run = model.new_cache(1), press.start()
+    cache, run = model.new_cache(1), press.start(model=model)  # (trimkv reads the model's gates)
     model(torch.tensor([ids]), cache, observer=run.prefill_observer(), last_only=True)
     return cache, run
 
@@ -81,7 +81,7 @@ def test_every_press_equals_its_own_compressed_prefill(model, n):
     fan = Fanout(model, ids, [p for _, p in grid] + [FULL])
     follow = tokens(5, seed=7)
     for name, press in grid:
-        run = press.start()
+        run = press.start(model=model)
         got = fan.compress(press, run=run)
         ref, ref_run = real_prefill(model, ids, press)
         what = f"{name} {press.compression_ratio or press.budget}"

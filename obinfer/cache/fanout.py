@@ -77,6 +77,17 @@ class Fanout:
             else:  # copies, so the full (B, Hq, T, D) tensor is not kept alive
                 self.q[idx], self.q_pos[idx] = q[:, :, -keep:].clone(), q_pos[:, -keep:].clone()
 
+        # policies that read each layer's input (TRIM-KV's gates) write their per-token state into the
+        # shared cache during the prefill; forks carry it (one state per accumulator name)
+        inputs = {p.start(model=model).policy for p in presses if not p.is_full and p.policy.needs_input}
+        if inputs:
+
+            def observe_input(idx: int, x: Tensor, pos: Tensor, layer: LayerCache) -> None:
+                for pol in inputs:
+                    pol.observe_input(idx, x, pos, layer)
+
+            record.observe_input = observe_input  # type: ignore[attr-defined]
+
         t0 = time.perf_counter()
         self.cache: KVCache = model.new_cache(1)
         with torch.inference_mode():
@@ -84,6 +95,7 @@ class Fanout:
                 torch.tensor([list(ids)], device=model.device), self.cache, observer=record, last_only=True
             )[:, -1]
         self.prefill_s = time.perf_counter() - t0
+        self._input_accs = set(self.cache.layers[0].acc)  # written by the prefill: per-token input state
 
     def compress(
         self, press: Press, *, run: PressRun | None = None, in_place: bool = False, with_scores: bool = False
@@ -118,9 +130,13 @@ class Fanout:
             run.scores = {}
         run._bind(self.model)
         if run.memo is None and not press.is_full and not press.looks_ahead:
-            run.memo = self._memo_for(press)
+            run.memo = self._memo_for(press, run.policy)
         cache = self.cache if in_place else self.cache.fork()
         self._consumed = in_place
+        foreign = self._input_accs - set(() if press.is_full else run.policy.input_accumulators())
+        for layer in cache.layers if foreign else ():  # another press's per-token state: not this one's
+            for name in foreign:
+                layer.acc.pop(name, None)
         if press.looks_ahead:
             with torch.inference_mode():
                 run.compress_lookahead(
@@ -136,9 +152,10 @@ class Fanout:
             return cache
         return cache, self._by_position(run)
 
-    def _memo_for(self, press: Press) -> dict[int, Tensor] | None:
-        """The shared layer -> scores dict of press's (policy, score, gqa); None if the policy is unhashable."""
-        key = (press.policy, press.score, press.gqa)
+    def _memo_for(self, press: Press, policy: Any = None) -> dict[int, Tensor] | None:
+        """The shared layer -> scores dict of press's (policy, score, gqa), the policy bound to the model
+        if given (`PressRun.policy`); None if the policy is unhashable."""
+        key = (press.policy if policy is None else policy, press.score, press.gqa)
         try:
             return self._memos.setdefault(key, {})
         except TypeError:  # a policy with unhashable options: score it every time

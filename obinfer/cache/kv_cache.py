@@ -435,6 +435,18 @@ class LayerCache:
             self.acc[name] = torch.zeros(self.pos.shape[0], device=self.k.device)
         return self.acc[name]
 
+    def set_newest(self, name: str, values: Tensor) -> None:
+        """Set accumulator `name` on the newest T slots of every segment to values (B, Hkv, T): per-token
+        state known when a token arrives (TRIM-KV's retention), written right after `append`."""
+        acc, (B, H, T) = self.accumulator(name), values.shape
+        if self.is_uniform():
+            a = self.length[0] - T
+            acc.view(B, H, self.cap[0])[:, :, a : a + T] = values
+            return
+        start, length = self.segment_tensors()
+        dst = ((start + length - T)[:, None] + torch.arange(T, device=start.device)).view(-1)
+        acc.index_copy_(0, dst, values.reshape(-1).to(acc.dtype))
+
     def add_to_accumulator(self, name: str, values: Tensor) -> None:
         """Add `values` (B, Hkv, S) in `dense()` layout to accumulator `name` (S >= the longest segment)."""
         acc, B, H = self.accumulator(name), self.batch, self.n_kv_heads

@@ -89,6 +89,7 @@ class Policy:
     decode_time = False
     fuses_attention = False
     lookahead = False  # observation queries can come from after the prompt (LAQ: obinfer/cache/lookahead.py)
+    needs_input = False  # reads each layer's input hidden states (`observe_input`; TRIM-KV's gates)
 
     # ------------------------------------------------------------------ what is observed
     def observed_span(self, n: int) -> tuple[int, int] | None:
@@ -149,6 +150,22 @@ class Policy:
         prompt (LAQ's lookahead queries, not in the cache): the policy's observation window is replaced,
         its protection is not. Only policies with `lookahead = True` have it. Pure."""
         raise PressError(f"{self.name} cannot observe lookahead queries")
+
+    # ------------------------------------------------------------------ per-token input (needs_input)
+    def bind(self, model: Any, budget: int | None) -> Policy:
+        """This policy with its model-specific settings resolved, for a run on `model` under `budget`
+        (None: a compression ratio). Default: itself. TRIM-KV: its gates file found for the model and
+        budget, and checked (a bound policy names the file, so its per-slot state and shared scores never
+        mix with another file's)."""
+        return self
+
+    def input_accumulators(self) -> tuple[str, ...]:
+        """The per-slot accumulators `observe_input` writes (a shared prefill drops the others' from a fork)."""
+        return ()
+
+    def observe_input(self, idx: int, x: Tensor, pos: Tensor, layer: LayerCache) -> None:
+        """Only for `needs_input`, on a bound policy (`bind`): layer idx's normalised input x (B, T, C) for its T newest slots, right
+        after they were appended (positions pos (B, T)); write per-slot state (`LayerCache.set_newest`)."""
 
     # ------------------------------------------------------------------ decode
     def decode_scores(

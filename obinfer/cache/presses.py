@@ -65,6 +65,7 @@ from obinfer.cache.lookahead import (
     make_query_source,
     query_source_options,
 )
+from obinfer.cache import retention as _retention  # noqa: F401  (registers the trimkv policy)
 from obinfer.cache.policies import INF, POLICIES, Policy, PressError, is_int
 from obinfer.cache.scores import GQA_MODES, SCORES, ScoreFn, get_score
 
@@ -401,6 +402,7 @@ class PressRun:
         self.layer_budgets: Tensor | None = None
         self.peak_bytes, self.max_slots = 0, 0  # most K/V bytes held, most slots of a head (chunked)
         self._target_n: Tensor | None = None  # chunked prefill: valid prompt tokens per row
+        self._policy: Policy | None = None  # the press's policy bound to the model (`policy`)
 
     # ------------------------------------------------------------------ layer budgets
     def layer_budget(self, idx: int, n_valid: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -458,7 +460,7 @@ class PressRun:
             `attention.attend`, so a press that evicts nothing stays bit-identical to no press. Returns
             None when not attend.
         """
-        press, pol = self.press, self.press.policy
+        press, pol = self.press, self.policy
         out = None
         if attend and not (pol.fuses_attention and layer.is_uniform()):
             out = attention.attend(layer, q, q.shape[2])  # before anything is evicted
@@ -539,12 +541,38 @@ class PressRun:
             return out
 
         observe.attend_and_observe = attend_and_observe  # used by Transformer.forward when present
-        return observe
+        return self._with_input(observe)
 
     # ------------------------------------------------------------------ whole prefills
     def _bind(self, model: Any) -> None:
         if self.model is None:
             self.model, self.n_layers = model, int(model.cfg.n_layers)
+
+    @property
+    def policy(self) -> Policy:
+        """The press's policy bound to the run's model (`Policy.bind`; TRIM-KV: its gates file resolved
+        and checked); the press's own for policies that need no model."""
+        if self._policy is None:
+            pol = self.press.policy
+            if pol.needs_input:
+                if self.model is None:
+                    raise PressError(
+                        f"press {self.press.name} reads the model's hidden states: start it with "
+                        "press.start(model=model) or run.prefill(model, ...)"
+                    )
+                pol = pol.bind(self.model, self.press.budget)
+            self._policy = pol
+        return self._policy
+
+    def _with_input(self, observe: Observer) -> Observer:
+        """observe, given an `observe_input` hook when the policy reads each layer's input (needs_input)."""
+        if self.press.policy.needs_input:
+
+            def observe_input(idx: int, x: Tensor, pos: Tensor, layer: LayerCache) -> None:
+                self.policy.observe_input(idx, x, pos, layer)
+
+            observe.observe_input = observe_input  # type: ignore[attr-defined]
+        return observe
 
     def prefill(
         self, model: Any, ids: Tensor, cache: Any, *, n_pad: Tensor | None = None, chunk: int | None = None
@@ -579,6 +607,7 @@ class PressRun:
 
             if observe is not None:
                 compress.attend_and_observe = attend_and_compress
+                compress = self._with_input(compress)
             logits = model(ids, cache, n_pad=n_pad, observer=compress, last_only=True)[:, -1]
             self.peak_bytes = max(self.peak_bytes, cache.nbytes())
             return logits
@@ -636,6 +665,7 @@ class PressRun:
                         self._report()
 
                 n_pad_b = bp.to(ids.device) if bool(bp.any()) else None
+                observe = self._with_input(observe)
                 logits = model(block, cache, n_pad=n_pad_b, observer=observe, last_only=True)[:, -1]
             if la:
                 self.compress_lookahead(cache, logits, rec_q, rec_pos)
@@ -701,7 +731,7 @@ class PressRun:
     # ------------------------------------------------------------------ decode
     def evict_step(self, idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
         """After a decode step: update scores and evict until each head is within its budget."""
-        press, pol = self.press, self.press.policy
+        press, pol = self.press, self.policy
         t0 = time.perf_counter()
         budgets = self.head_budgets.get(idx, [press.budget] * layer.n_segments)
         step = pol.decode_scores(q, q_pos, layer, press.score_fn, press.gqa)
@@ -736,7 +766,7 @@ class PressRun:
             if self.stats is not None:
                 self.stats.scoring_s = self.scoring_s
 
-        return observe
+        return self._with_input(observe)
 
 
 class _NoPressRun(PressRun):

@@ -2,7 +2,8 @@
 
 Each command lives in its own module and registers itself with ``add_commands(subparsers)``:
 ``generate`` (generate.py), ``models`` / ``presses`` / ``download`` / ``convert-gguf`` (models.py),
-``eval`` / ``report`` / ``fetch-essays`` (eval.py), ``inspect`` (inspect.py). :func:`main` turns every
+``eval`` / ``report`` / ``fetch-essays`` (eval.py), ``inspect`` (inspect.py), ``train-gates``
+(train.py). :func:`main` turns every
 user error (any ``ObinferError``, or an OS error on a file) into one line on stderr and exit status 2,
 and shows the library's progress lines (first-use downloads and conversions).
 """
@@ -14,12 +15,12 @@ import logging
 import sys
 
 from obinfer.cli import eval as eval_commands
-from obinfer.cli import generate, inspect, models
+from obinfer.cli import generate, inspect, models, train
 from obinfer.errors import ObinferError
 
 DESCRIPTION = """obinfer: a from-scratch PyTorch inference engine for Llama-3.1 / Qwen-2.5 with an inspectable,
 per-head KV cache and eviction presses (SnapKV, TOVA, H2O, AdaKV; OBCache scores obv/obk/obkv)."""
-COMMANDS = (generate, models, eval_commands, inspect)
+COMMANDS = (generate, models, eval_commands, inspect, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

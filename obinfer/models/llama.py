@@ -31,21 +31,28 @@ Observer = Callable[[int, Tensor, Tensor, LayerCache], None]
 class LayerObserver:
     """`observer` bound to layer `idx`, as `Attention.forward` calls it.
 
-    `observe(q, pos, layer)` runs after the layer's attention. An observer function that also carries an
+    `observe(q, pos, layer)` runs after the layer's attention. An observer function with an
+    ``observe_input(idx, x, pos, layer)`` attribute is also shown the layer's normalised input x (B, T, C)
+    right after the new tokens' K/V are appended (`input`; TRIM-KV's retention gates read it). One that also carries an
     ``attend_and_observe(idx, q, q_pos, layer)`` attribute (a press whose scores compute the attention
     anyway, H2O: `PressRun.prefill_observer`) is instead asked for the attention outputs first
     (`attend`), and compresses the layer itself; it returns None where it does not attend, and the
     usual path runs.
     """
 
-    __slots__ = ("observer", "idx", "_attend")
+    __slots__ = ("observer", "idx", "_attend", "_input")
 
     def __init__(self, observer: Observer, idx: int):
         self.observer, self.idx = observer, idx
         self._attend = getattr(observer, "attend_and_observe", None)
+        self._input = getattr(observer, "observe_input", None)
 
     def __call__(self, q: Tensor, pos: Tensor, layer: LayerCache) -> None:
         self.observer(self.idx, q, pos, layer)
+
+    def input(self, x: Tensor, pos: Tensor, layer: LayerCache) -> None:
+        if self._input is not None:
+            self._input(self.idx, x, pos, layer)
 
     def attend(self, q: Tensor, pos: Tensor, layer: LayerCache) -> Tensor | None:
         return None if self._attend is None else self._attend(self.idx, q, pos, layer)
@@ -125,6 +132,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # the cache now holds this step's T tokens as the last T slots of each head
         cache.append(k, v, pos, n_pad)
+        if observe is not None:
+            observe.input(x, pos, cache)
         out = observe.attend(q, pos, cache) if observe is not None else None
         if out is None:  # (B, Hq, T, D): q over every slot it may see (causal, no pads)
             out = attention.attend(cache, q, T)
