@@ -132,6 +132,13 @@ def test_variant_vs_baseline_paired_bootstrap():
     assert "snapkv-obk" in text and "all" in text
 
 
+def test_long_press_names_keep_their_columns_apart():
+    long = {"mode": "aware", "length": 2048, "variant": "laq-adakv-snapkv-obk", "baseline": "adakv-snapkv-obk",
+            "ratio": 0.5, "diff": 1.0, "lo": -1.0, "hi": 2.0, "n": 60, "verdict": "no clear difference"}  # fmt: skip
+    row = report.format_comparisons([long]).splitlines()[-1]
+    assert row.split()[:4] == ["aware", "2048", "laq-adakv-snapkv-obk", "adakv-snapkv-obk"]
+
+
 def test_verdicts_follow_the_interval():
     rows = []
     for i in range(30):  # the variant is right on every sample, the baseline on none

@@ -186,16 +186,18 @@ def _compare_pair(
 def format_comparisons(comps: list[dict[str, Any]]) -> str:
     if not comps:
         return "no OBCache variant with its baseline in these results (e.g. snapkv and snapkv-obk)"
+    wv = max(len("variant"), *(len(c["variant"]) for c in comps)) + 2  # columns as wide as the names
+    wb = max(len("baseline"), *(len(c["baseline"]) for c in comps)) + 2
     lines = [
         "variant - baseline (an OBCache score vs attn; laq-/pyramid-/epi- vs the press without it), "
         "accuracy points, paired bootstrap 95% CI ('all' = pooled over ratios)",
-        f"{'mode':<9}{'length':>7}  {'variant':<20}{'baseline':<16}{'ratio':>6}{'diff':>8}  {'95% CI':<18}{'n':>5}  verdict",
+        f"{'mode':<9}{'length':>7}  {'variant':<{wv}}{'baseline':<{wb}}{'ratio':>6}{'diff':>8}  {'95% CI':<18}{'n':>5}  verdict",
     ]
     for c in comps:
         ratio = c["ratio"] if isinstance(c["ratio"], str) else f"{c['ratio']:g}"
         ci = f"[{c['lo']:+.1f}, {c['hi']:+.1f}]"
         lines.append(
-            f"{c['mode']:<9}{c['length']:>7}  {c['variant']:<20}{c['baseline']:<16}{ratio:>6}"
+            f"{c['mode']:<9}{c['length']:>7}  {c['variant']:<{wv}}{c['baseline']:<{wb}}{ratio:>6}"
             f"{c['diff']:>+8.1f}  {ci:<18}{c['n']:>5}  {c['verdict']}"
         )
     return "\n".join(lines)
@@ -225,7 +227,7 @@ def press_style(name: str, families: Sequence[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
     p = press_name(name)
-    colours = colormaps["tab10"].colors
+    colours = colormaps["tab10" if len(families) <= 10 else "tab20"].colors
     ls, marker = SCORE_STYLES.get(p.score, OTHER_STYLE)
     return {
         "color": colours[list(families).index(p.family) % len(colours)],
@@ -239,9 +241,10 @@ def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
     out_dir = output_dir(out_dir, PLOTS_WHAT)
     paths = []
     for (mode, length), cells in sorted(accuracy_grid(rows).items()):
-        fig = _new_figure(7, 4.5)
-        ax = fig.add_subplot()
         names = press_order(list(cells))
+        many = len(names) > 8  # a long legend goes beside the axes, not over the lines
+        fig = _new_figure(9.5 if many else 7, 4.5)
+        ax = fig.add_subplot()
         families = list(dict.fromkeys(press_name(n).family for n in names if n != FULL_NAME))
         for name in names:
             pts = sorted(cells[name].items())
@@ -252,7 +255,10 @@ def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
         ax.set(xlabel="compression ratio (fraction of KV removed)", ylabel="accuracy (%)", ylim=(-2, 102))
         ax.set_title(f"RULER accuracy, {mode} mode, length {length}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        if many:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         paths.append(_save(fig, out_dir / f"accuracy_{mode}_{length}.png", dpi=110))
     return paths
