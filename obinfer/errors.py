@@ -25,4 +25,6 @@ def require(module: str, extra: str = "eval", what: str = "this command") -> Non
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise MissingExtraError(f"{what} needs {module}: pip install 'obinfer[{extra}]' (or pip install -e '.[{extra}]')")
+        raise MissingExtraError(
+            f"{what} needs {module}: pip install 'obinfer[{extra}]' (or pip install -e '.[{extra}]')"
+        )

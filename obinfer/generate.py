@@ -84,6 +84,7 @@ class GenStats:
     decode_s: float = 0.0
     cache_bytes_full: int = 0  # K/V bytes right after prefill, before compression
     cache_bytes_kept: int = 0  # K/V bytes right after prefill (and compression)
+    cache_tokens_kept: int = 0  # slots (tokens x KV heads x layers) in use then, before any question
     cache_bytes: int = 0  # K/V bytes at the end (decoding grows the buffers in steps)
     cache_bytes_peak: int = 0  # most K/V bytes held during the prefill (chunked prefill: flat in the prompt)
     kept_per_layer: list[tuple[int, float, int]] = field(default_factory=list)  # (min, mean, max) over heads
@@ -239,6 +240,7 @@ def _stream(
     stats.cache_bytes_peak = max(run.peak_bytes, cache.nbytes())
     stats.cache_bytes_full = run.bytes_before or cache.nbytes()
     stats.cache_bytes_kept = cache.nbytes()
+    stats.cache_tokens_kept = cache.n_tokens()
     step_observer = run.decode_observer()
     if questions is not None:
         q_ids, _ = left_pad(questions)  # equal lengths (checked by stream): no padding

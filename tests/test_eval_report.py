@@ -328,3 +328,165 @@ def test_plots_are_replaced_atomically(tmp_path, monkeypatch):
     assert err.value.filename == str(plot)
     assert plot.read_bytes() == b"old plot"
     assert sorted(p.name for p in plot.parent.iterdir()) == [plot.name]
+
+
+# ------------------------------------------------------------------ budgets
+# (press, budget) -> per-sample scores of SAMPLES, beside the ratio rows of SCORES and the same full rows
+BUDGET_SCORES = {
+    ("h2o", 64): [0.0, 0.0, 0.0],
+    ("h2o", 128): [1.0, 0.0, 0.2],
+    ("trimkv", 64): [1.0, 0.0, 0.4],
+    ("trimkv", 128): [1.0, 1.0, 0.6],
+    ("snapkv", 64): [0.0, 1.0, 0.0],
+}
+
+
+def _budget_rows(mode: str = "agnostic", length: int = 1000, with_ratios: bool = True) -> list[dict]:
+    rows = [r for r in _rows(mode, length) if with_ratios or r["press"] == "full"]
+    for (press, budget), scores in BUDGET_SCORES.items():
+        for (task, index, depth), s in zip(SAMPLES, scores, strict=True):
+            rows.append({"task": task, "index": index, "length": length, "press": press, "ratio": 0.0,
+                         "budget": budget, "mode": mode, "score": s, "depth": depth, "pred": "x",
+                         "answers": ["y"]})  # fmt: skip
+    random.Random(1).shuffle(rows)
+    return rows
+
+
+def _table(text: str, title: str) -> dict[str, list[str]]:
+    """press -> cells of the table titled `title` in a report text (the header row under "press")."""
+    lines = text.split(title, 1)[1].split("\n\n")[0].strip("\n").splitlines()
+    head, *body = lines
+    return {"press": head.split()[1:], **{line.split()[0]: line.split()[1:] for line in body}}
+
+
+def test_budget_tables_beside_the_ratio_tables(tmp_path):
+    rows = _budget_rows()
+    text = report.accuracy_tables(rows)
+    ratio = _table(text, "== mode agnostic, length 1000 ==\n")
+    assert ratio["full"] == ["75.0", "(3)", "-", "-"]
+    assert ratio["snapkv"] == ["-", "25.0", "(3)", "20.0", "(3)"]
+    assert "h2o" not in ratio and "trimkv" not in ratio  # budget rows stay out of the ratio table
+    budget = _table(text, "== mode agnostic, length 1000, by budget (tokens per head) ==\n")
+    assert budget["press"] == ["full", "budget", "64", "budget", "128"]
+    assert budget["full"] == ["75.0", "(3)", "-", "-"]  # the reference, in its own column
+    for (press, b), (a, c, d) in BUDGET_SCORES.items():
+        cell = budget[press][1:3] if b == 64 else budget[press][-2:]
+        assert cell == [f"{100 * ((a + c) / 2 + d) / 2:.1f}", "(3)"], (press, b)
+    assert "snapkv-obk" not in budget and budget["snapkv"][-1] == "-"
+    grid = report.accuracy_grid(rows, axis="budget")[("agnostic", 1000)]
+    assert grid["trimkv"][128] == (pytest.approx(100 * ((1 + 1) / 2 + 0.6) / 2), 3)
+    assert set(grid) == {"full", "h2o", "trimkv", "snapkv"} and set(grid["full"]) == {0}
+    # the ratio table of these rows is the one of the ratio rows alone
+    alone = report.accuracy_tables(_rows())
+    assert text.startswith(alone + "\n\n== mode agnostic, length 1000, by budget (tokens per head) ==")
+    per_task = report.accuracy_tables(rows, per_task=True)
+    assert "-- vt: mode agnostic, length 1000, by budget (tokens per head) --" in per_task
+    assert "-- vt: mode agnostic, length 1000 --" in per_task
+    # budgets alone (and the full cache): no ratio table
+    only = report.accuracy_tables(_budget_rows(with_ratios=False))
+    assert "length 1000 ==" not in only and "by budget (tokens per head) ==" in only
+    with pytest.raises(report.ReportError, match="unknown axis"):
+        report.group(rows, axis="tokens")
+
+
+def test_budget_comparisons_with_explicit_pairs():
+    rows = _budget_rows()
+    plain = report.compare_variants(rows, n_boot=500, seed=3)
+    assert [c["axis"] for c in plain] == ["ratio"] * 3  # no automatic budget pair among these presses
+    pairs = [("trimkv", "h2o"), ("trimkv", "snapkv"), ("trimkv", "full"), ("snapkv-obk", "snapkv")]
+    comps = report.compare_variants(rows, n_boot=500, seed=3, pairs=pairs)
+    assert [(c["axis"], c["variant"], c["baseline"], c["ratio"]) for c in comps] == [
+        ("ratio", "snapkv-obk", "snapkv", 0.25),  # automatic, and not repeated for the explicit pair
+        ("ratio", "snapkv-obk", "snapkv", 0.5),
+        ("ratio", "snapkv-obk", "snapkv", "all"),
+        ("budget", "trimkv", "h2o", "M=64"),
+        ("budget", "trimkv", "h2o", "M=128"),
+        ("budget", "trimkv", "h2o", "all"),
+        ("budget", "trimkv", "snapkv", "M=64"),  # snapkv ran at 64 only: no pooled row
+        ("budget", "trimkv", "full", "M=64"),
+        ("budget", "trimkv", "full", "M=128"),
+        ("budget", "trimkv", "full", "all"),
+    ]
+    assert comps[:3] == plain
+    by = {(c["baseline"], c["ratio"]): c for c in comps if c["axis"] == "budget"}
+
+    def mean(press: str, budgets: list[int]) -> list[float]:
+        """Per-sample mean score over `budgets` (the full cache: its one score at every budget)."""
+        scores = [SCORES[("full", 0.0)] if press == "full" else BUDGET_SCORES[(press, b)] for b in budgets]
+        return [sum(s[i] for s in scores) / len(budgets) for i in range(3)]
+
+    for (base, label), c in by.items():
+        budgets = [64, 128] if label == "all" else [int(label[2:])]
+        assert c["budget"] == ("all" if label == "all" else budgets[0])
+        diff, lo, hi = paired_bootstrap_ci(mean("trimkv", budgets), mean(base, budgets), n_boot=500, seed=3)
+        assert (c["diff"], c["lo"], c["hi"], c["n"]) == pytest.approx((100 * diff, 100 * lo, 100 * hi, 3))
+    assert by[("h2o", "M=64")]["diff"] == pytest.approx(100 * 1.4 / 3)
+    text = report.format_comparisons(comps)
+    line = next(x for x in text.splitlines() if "M=128" in x and " h2o " in x)
+    assert line.split()[:5] == ["agnostic", "1000", "trimkv", "h2o", "M=128"]
+    with pytest.raises(report.ReportError, match="a comparison is a .variant, baseline. pair"):
+        report.compare_variants(rows, pairs=[("trimkv",)])
+    with pytest.raises(report.ReportError, match="compares a press with itself"):
+        report.compare_variants(rows, pairs=[("h2o", "h2o")])
+    with pytest.raises(report.ReportError, match="'snapkv-obk-x-y' is not a press name"):
+        report.compare_variants(rows, pairs=[("snapkv-obk-x-y", "h2o")])
+
+
+def test_budget_plots(tmp_path, monkeypatch):
+    rows = _budget_rows()
+    _write(tmp_path / "results.jsonl", rows)
+    saved = {}
+    real = report._save
+
+    def keep(fig, path, dpi):  # noqa: ANN001, ANN202
+        saved[path.name] = fig
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(report, "_save", keep)
+    _, paths = report.make_report(tmp_path, n_boot=50)
+    assert sorted(p.name for p in paths) == [
+        "accuracy_agnostic_1000.png",
+        "accuracy_agnostic_1000_budget.png",
+        "niah_depth_full_agnostic.png",
+        "niah_depth_presses_agnostic.png",
+        "niah_depth_presses_agnostic_budget.png",
+    ]
+    for p in paths:
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.std() > 0
+    (ax,) = saved["accuracy_agnostic_1000_budget.png"].axes
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [64, 128]
+    assert ax.get_xlabel() == "budget (tokens per KV head)"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["trimkv"].get_xdata()) == [64, 128]
+    assert list(lines["trimkv"].get_ydata()) == pytest.approx([100 * (0.5 + 0.4) / 2, 100 * (1 + 0.6) / 2])
+    assert list(lines["full (75.0)"].get_ydata()) == [75.0, 75.0]  # the full cache, a horizontal line
+    titles = [a.get_title() for a in saved["niah_depth_presses_agnostic_budget.png"].axes if a.get_title()]
+    assert "trimkv @ M=64" in titles and "h2o @ M=128" in titles
+    assert not any("@ 0" in t for t in titles)
+
+
+def test_cli_report_compare(tmp_path, capsys):
+    from obinfer import cli
+
+    _write(tmp_path / "results.jsonl", _budget_rows())
+    argv = ["report", str(tmp_path), "--no-plots"]
+    assert cli.main([*argv, "--compare", "trimkv=h2o,snapkv", "--compare", "h2o=full"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[:5] for line in out.splitlines() if line.startswith("agnostic") and "M=" in line]
+    assert rows == [
+        ["agnostic", "1000", "trimkv", "h2o", "M=64"],
+        ["agnostic", "1000", "trimkv", "h2o", "M=128"],
+        ["agnostic", "1000", "trimkv", "snapkv", "M=64"],
+        ["agnostic", "1000", "h2o", "full", "M=64"],
+        ["agnostic", "1000", "h2o", "full", "M=128"],
+    ]
+    assert "by budget (tokens per head)" in out
+    assert cli.main([*argv, "--compare", "trimkv=tova"]) == 0  # a press these results lack: a warning
+    err = capsys.readouterr().err
+    assert err == "obinfer: warning: comparison trimkv=tova: no tova rows in these results\n"
+    for bad in ("trimkv", "=h2o", "trimkv=", "trimkv=h2o,,tova", "a=b=c"):
+        assert cli.main([*argv, "--compare", bad]) == 2
+        _one_line_error(capsys, "--compare expects VARIANT=BASE1,BASE2", repr(bad))
+    assert cli.main([*argv, "--compare", "h2o=h2o"]) == 2
+    _one_line_error(capsys, "comparison h2o=h2o compares a press with itself")

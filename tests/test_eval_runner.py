@@ -115,6 +115,28 @@ def test_press_grid_runs_full_once_and_last():
     ]
 
 
+def test_press_grid_with_budgets():
+    grid = runner.press_grid(["full", "h2o", "snapkv"], [0.5], [64, 16, 64])
+    assert [(c.press, c.ratio, c.budget) for c in grid] == [
+        ("h2o", 0.5, 0),
+        ("h2o", 0.0, 64),
+        ("h2o", 0.0, 16),
+        ("snapkv", 0.5, 0),
+        ("snapkv", 0.0, 64),
+        ("snapkv", 0.0, 16),
+        ("full", 0.0, 0),
+    ]
+    # budgets alone; a sample's rows run the budgets (a prefill each) first, the shared prefill last
+    only = runner.press_grid(["full", "tova"], [], [32])
+    assert [(c.press, c.budget) for c in only] == [("tova", 32), ("full", 0)]
+    order = [(c.press, c.ratio, c.budget) for c in runner.run_order(grid)]
+    assert order[:4] == [("h2o", 0.0, 64), ("h2o", 0.0, 16), ("snapkv", 0.0, 64), ("snapkv", 0.0, 16)]
+    assert order[4:] == [("h2o", 0.5, 0), ("snapkv", 0.5, 0), ("full", 0.0, 0)]
+    assert runner.press_grid(["full"], [], []) == [runner.Combo("full", 0.0)]
+    with pytest.raises(runner.EvalError, match="needs at least one compression ratio or budget"):
+        runner.press_grid(["full", "h2o"], [], [])
+
+
 def test_shared_prefill_records_the_queries_the_presses_read(tiny_model, monkeypatch):
     """The runner's one prefill (obinfer/cache/fanout.py) keeps what the policies declare they observe."""
     seen = []
@@ -201,6 +223,81 @@ def test_reprefill_gives_the_same_rows(tiny_model, tmp_path):
     assert [{k: r[k] for k in keep} for r in shared] == [{k: r[k] for k in keep} for r in naive]
 
 
+def _reference(model, tok, ctx: list[int], q: list[int], press, chunk: int | None = None) -> str:
+    """What `obinfer generate --cache-budget M` answers: generate() with the press in its own prefill."""
+    ids = generate(model, ctx, question=q, press=press, max_new_tokens=6, stop_ids=tok.stop_ids,
+                   prefill_chunk=chunk)  # fmt: skip
+    return tok.decode(list(ids))
+
+
+def test_budget_rows_equal_generate_with_a_cache_budget(tiny_model, tmp_path):
+    """A budget row answers what generate() answers with make_press(name, budget=M); h2o and tova hold at
+    most M tokens per head after the prefill and after the answer, snapkv only after the prefill."""
+    tok, rows = ByteTokenizer(), _rows(2)
+    presses, budgets = ["full", "tova", "h2o", "snapkv"], [16, 1000]
+    cfg = EvalConfig(presses, [0.5], modes=["agnostic", "aware"], budgets=budgets)
+    res = run_eval(tiny_model, tok, rows, cfg, tmp_path, progress=False)
+    assert len(res) == 2 * 2 * (1 + 3 * (1 + 2))
+    order = runner.result_order(rows, cfg)  # how a torchrun job's merge sorts: as written here
+    assert [order[result_key(r)] for r in res] == list(range(len(res)))
+    layers, heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_kv_heads
+    full = {(r["index"], r["mode"]): r["pred"] for r in res if r["press"] == "full"}
+    budget_rows = [r for r in res if r["budget"]]
+    assert len(budget_rows) == 2 * 2 * 3 * 2 and all(r["ratio"] == 0.0 for r in budget_rows)
+    for r in budget_rows:
+        ctx, q = prompt_ids(tok, rows[r["index"]], r["mode"], chat=True)
+        M = r["budget"]
+        assert r["pred"] == _reference(tiny_model, tok, ctx, q, make_press(r["press"], budget=M)), r
+        assert r["score"] == score_row(r["pred"], rows[r["index"]]["answers"], r["task"])
+        assert r["shared_prefill"] is False
+        assert r["full_tokens"] == len(ctx) * layers * heads
+        assert r["kept_tokens"] == min(len(ctx), M) * layers * heads  # after the prefill, before q
+        if M < len(ctx):
+            assert r["cache_bytes"] < r["cache_bytes_full"]
+            if r["press"] in ("h2o", "tova"):  # evict while decoding: never above M
+                assert r["head_tokens_end"] == M
+            else:  # snapkv compresses once: the question and the answer add to its M
+                assert r["head_tokens_end"] > M
+        else:  # a budget above the prompt keeps everything: the full cache's answer
+            assert r["kept_tokens"] == r["full_tokens"] and r["cache_bytes"] == r["cache_bytes_full"]
+            assert r["pred"] == full[r["index"], r["mode"]]
+    # the small budget changed some answer, so the equalities above are not vacuous
+    assert any(r["pred"] != full[r["index"], r["mode"]] for r in budget_rows if r["budget"] == 16)
+    # the ratio rows are the shared prefill's, as without budgets
+    ratio_rows = [r for r in res if not r["budget"]]
+    assert {r["shared_prefill"] for r in ratio_rows} == {True}
+    plain = run_eval(tiny_model, tok, rows, EvalConfig(presses, [0.5], modes=["agnostic", "aware"]),
+                     tmp_path / "plain", progress=False)  # fmt: skip
+    drop = ("prefill_s", "compress_s", "decode_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ratio_rows] == [
+        {k: v for k, v in r.items() if k not in drop} for r in plain
+    ]
+
+
+def test_budget_rows_with_a_chunked_prefill(tiny_model, tmp_path):
+    """With --prefill-chunk, a budget row is generate(..., prefill_chunk=N) with the budget."""
+    tok, rows = ByteTokenizer(), _rows(1)
+    cfg = EvalConfig(["tova"], [], budgets=[16], prefill_chunk=64)
+    (r,) = run_eval(tiny_model, tok, rows, cfg, tmp_path, progress=False)
+    ctx, q = prompt_ids(tok, rows[0], "agnostic", chat=True)
+    assert r["pred"] == _reference(tiny_model, tok, ctx, q, make_press("tova", budget=16), chunk=64)
+    assert r["prefill_chunk"] == 64 and r["head_tokens_end"] == 16
+    layers, heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_kv_heads
+    assert r["kept_tokens"] == 16 * layers * heads
+    # a block at a time: the cache never held more than M + N tokens per head, not the whole prompt
+    per_slot = r["cache_bytes"] / r["kept_tokens"]
+    assert r["cache_bytes_peak"] <= (16 + 64) * layers * heads * per_slot < r["full_tokens"] * per_slot
+
+
+def test_budget_settings_are_checked():
+    for bad in (0, -3, 1.5, True, "64"):
+        with pytest.raises(runner.EvalError, match=r"budgets must be integers >= 1 \(tokens per KV head\)"):
+            EvalConfig(["h2o"], [], budgets=[64, bad])
+    with pytest.raises(runner.EvalError, match="needs at least one compression ratio or budget"):
+        EvalConfig(["h2o"], [], budgets=[])
+    assert EvalConfig(["h2o"], [], budgets=(64,)).budgets == [64]
+
+
 class Interrupt(Exception):
     pass
 
@@ -244,6 +341,44 @@ def test_resume_after_interruption(tiny_model, tmp_path):
     fresh = run_eval(tiny_model, tok, rows, cfg, tmp_path / "fresh", progress=False)
     by_key = {result_key(r): r["pred"] for r in fresh}
     assert all(by_key[result_key(r)] == r["pred"] for r in final)
+
+
+def test_resume_skips_budget_rows_and_reads_rows_without_budgets(tiny_model, tmp_path):
+    """An interrupted run with budgets resumes without redoing a row; rows of a run from before budgets
+    (no "budget" field) count as its ratio rows, so adding budgets to such a run runs the budgets only."""
+    tok, rows = ByteTokenizer(), _rows(2)
+    cfg = EvalConfig(["full", "h2o"], [0.5], budgets=[16, 32])
+    total = 2 * (1 + 3)
+    first: list[dict] = []
+
+    def stop_after_3(res: dict) -> None:
+        first.append(res)
+        if len(first) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_eval(tiny_model, tok, rows, cfg, tmp_path / "a", progress=False, on_result=stop_after_3)
+    assert [r["budget"] for r in first] == [16, 32, 0]  # budget rows first, then the shared prefill
+    second: list[dict] = []
+    final = run_eval(tiny_model, tok, rows, cfg, tmp_path / "a", resume=True, progress=False,
+                     on_result=second.append)  # fmt: skip
+    assert len(second) == total - 3
+    assert not {result_key(r) for r in first} & {result_key(r) for r in second}
+    assert len({result_key(r) for r in final}) == len(final) == total
+    again: list[dict] = []
+    run_eval(tiny_model, tok, rows, cfg, tmp_path / "a", resume=True, progress=False, on_result=again.append)
+    assert again == []
+    # an old results file: the ratio rows without a "budget" field
+    old = run_eval(tiny_model, tok, rows, EvalConfig(["full", "h2o"], [0.5]), tmp_path / "b", progress=False)
+    path = tmp_path / "b" / "results.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "budget"}) + "\n" for r in old))
+    new: list[dict] = []
+    merged = run_eval(tiny_model, tok, rows, cfg, tmp_path / "b", resume=True, progress=False,
+                      on_result=new.append)  # fmt: skip
+    assert sorted((r["index"], r["budget"]) for r in new) == [(0, 16), (0, 32), (1, 16), (1, 32)]
+    assert len(merged) == total and len({result_key(r) for r in merged}) == total
+    by_key = {result_key(r): r["pred"] for r in final}
+    assert all(by_key[result_key(r)] == r["pred"] for r in merged)
 
 
 def test_prompt_too_long_is_a_clear_error(tiny_model, tmp_path):
@@ -348,6 +483,31 @@ def cli_eval(tiny_model, monkeypatch, tmp_path):
 
 def _keys(path: Path) -> Counter:
     return Counter(result_key(json.loads(line)) for line in path.read_text().splitlines())
+
+
+def test_cli_budgets(cli_eval, capsys):
+    """--budgets alone runs no ratio (the default ratios apply only when neither is given); adding a budget
+    with --resume runs just the new rows; the report has a budget table."""
+    from obinfer import cli
+
+    _, out = cli_eval  # its model and tokenizer
+    base = ["eval", "--presses", "full,h2o", "--tasks", "niah_single_1", "--length", "560", "--samples", "1",
+            "--max-new-tokens", "2", "--no-progress", "--out"]  # fmt: skip
+    rows = lambda d: [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]  # noqa: E731
+    points = lambda: sorted((r["press"], r["ratio"], r.get("budget")) for r in rows(out))  # noqa: E731
+    assert cli.main([*base, str(out), "--budgets", "16,32"]) == 0
+    assert points() == [("full", 0.0, 0), ("h2o", 0.0, 16), ("h2o", 0.0, 32)]
+    assert cli.main([*base, str(out), "--budgets", "16,32,64", "--ratios", "0.5", "--resume"]) == 0
+    added = [("h2o", 0.0, 64), ("h2o", 0.5, 0)]
+    assert points() == [("full", 0.0, 0), ("h2o", 0.0, 16), ("h2o", 0.0, 32), *added]
+    capsys.readouterr()
+    assert cli.main(["report", str(out), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "== mode agnostic, length 560, by budget (tokens per head) ==" in text
+    assert "== mode agnostic, length 560 ==" in text and "budget 64" in text
+    default = out.parent / "default"
+    assert cli.main([*base, str(default)]) == 0  # neither: the default ratios
+    assert sorted({r["ratio"] for r in rows(default)}) == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_cli_resume_repairs_a_torn_results_file(cli_eval, capsys):
@@ -504,6 +664,11 @@ def test_append_failure_cuts_the_partial_line_back(tmp_path, monkeypatch):
         (["--tasks", "niah_single_1,nope"], "unknown task(s) nope"),
         (["--modes", "sideways"], "unknown mode"),
         (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (["--budgets", "0"], "budgets must be integers >= 1 (tokens per KV head), got 0"),
+        (["--budgets", "64,-8"], "budgets must be integers >= 1"),
+        (["--budgets", "abc"], "--budgets expects comma-separated integers, got 'abc'"),
+        (["--budgets", "64.5"], "--budgets expects comma-separated integers"),
+        (["--budgets", ","], "--budgets is empty"),
     ],
 )
 def test_cli_out_of_range_options(cli_eval, capsys, args, needle):
@@ -596,6 +761,23 @@ def _result_rows(n: int = 3) -> list[dict]:
     ]
 
 
+def test_result_keys_tell_budgets_apart_and_read_old_rows():
+    """A row written before budgets existed (no "budget") has the key of the same ratio combo now; a
+    budget row's key holds its budget."""
+    sample = _rows(1)[0]
+    cfg = EvalConfig(["snapkv"], [0.5], budgets=[64, 128])
+    new = [runner._base_row(sample, "agnostic", c, cfg) for c in cfg.combos]
+    assert [(r["ratio"], r["budget"]) for r in new] == [(0.5, 0), (0.0, 64), (0.0, 128)]
+    old = {k: v for k, v in new[0].items() if k != "budget"}
+    assert result_key(old) == result_key(new[0]) and result_key(old | {"budget": None}) == result_key(new[0])
+    assert len({result_key(r) for r in new}) == 3
+    assert result_key(new[1]) == ("niah_single_1", 512, 0, "snapkv", 0.0, "agnostic", 64)
+    good = _result_rows(1)[0]
+    assert results.row_problem(good | {"budget": 64}) is None
+    for bad in ("64", -1, 1.5, True):
+        assert results.row_problem(good | {"budget": bad}) == "budget must be an integer >= 0"
+
+
 def test_decode_json_names_the_problem():
     assert results.decode_json(b'{"a": 1}') == ({"a": 1}, None)
     assert results.decode_json(b"\xff{}") == (None, "not UTF-8")
@@ -605,7 +787,7 @@ def test_decode_json_names_the_problem():
 
 def test_result_keys_and_press_names():
     row = _result_rows(1)[0] | {"length": "1000", "ratio": 0.5000000001}
-    assert result_key(row) == ("vt", 1000, 0, "adakv-snapkv-obk", 0.5, "agnostic")
+    assert result_key(row) == ("vt", 1000, 0, "adakv-snapkv-obk", 0.5, "agnostic", 0)
     assert results.row_problem(row) is None
     assert results.row_problem(row | {"press": "my_policy-my_score"}) is None  # the shape, not the registry
     assert results.row_problem(row | {"press": "snapkv-obk-x-y"}) == "'snapkv-obk-x-y' is not a press name"

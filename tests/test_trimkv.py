@@ -21,7 +21,14 @@ from obinfer.cache.presses import PressError, make_press, press_names
 from obinfer.cache.retention import GatesError, RetentionGates, find_gates, weights_digest
 from obinfer.generate import GenStats, stream
 from obinfer.models.llama import apply_rope, rope_cos_sin
-from obinfer.training import TrainConfig, TrainingError, gated_forward, gates_loss, make_sequences, train_gates
+from obinfer.training import (
+    TrainConfig,
+    TrainingError,
+    gated_forward,
+    gates_loss,
+    make_sequences,
+    train_gates,
+)
 from obinfer.weights import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,7 +151,9 @@ def test_constant_beta_keeps_the_most_recent(model, tmp_path):
 
 
 def test_padded_batch_equals_rows(model, tmp_path):
-    press = make_press("trimkv", budget=M, gates=save(random_gates(model, 3), model, tmp_path / "b.safetensors"))
+    press = make_press(
+        "trimkv", budget=M, gates=save(random_gates(model, 3), model, tmp_path / "b.safetensors")
+    )
     a, b = tokens(22, 4), tokens(15, 5)
     both, cache = run_stream(model, [a, b], press, 10)
     for row, p in enumerate((a, b)):
@@ -169,7 +178,9 @@ def test_fanout_and_one_chunk_equal_the_own_prefill(model, tmp_path):
 
 
 def test_chunked_prefill_stays_within_budget_plus_chunk(model, tmp_path):
-    press = make_press("trimkv", budget=M, gates=save(random_gates(model, 8), model, tmp_path / "k.safetensors"))
+    press = make_press(
+        "trimkv", budget=M, gates=save(random_gates(model, 8), model, tmp_path / "k.safetensors")
+    )
     run = press.start(model=model)
     cache = model.new_cache(1)
     run.prefill(model, torch.tensor([tokens(50, 9)]), cache, chunk=6)
@@ -232,7 +243,9 @@ def test_training_lowers_the_loss(model, tmp_path):
     seqs = make_sequences(tokens(64 * 12, 12), 64)
     cfg = TrainConfig(budget=M, steps=24, seq_len=64, lr=3e-2, ckpt_every=100)
     batch = seqs[:1]
-    before = gates_loss(model, RetentionGates.for_model(model, cfg.width, cfg.init_bias), batch, cfg)[1]["loss"]
+    before = gates_loss(model, RetentionGates.for_model(model, cfg.width, cfg.init_bias), batch, cfg)[1][
+        "loss"
+    ]
     gates, summary = train_gates(model, seqs, cfg, tmp_path / "t.safetensors", valid=seqs[-3:])
     after = gates_loss(model, gates, batch, cfg)[1]["loss"]
     assert after < before
@@ -275,4 +288,63 @@ def test_bad_training_settings(model, tmp_path):
         train_gates(model, seqs, TrainConfig(budget=M, steps=0, seq_len=64), tmp_path / "x.safetensors")
     with pytest.raises(TrainingError, match="fewer than one sequence"):
         make_sequences([1, 2, 3], 64)
+    with pytest.raises(TrainingError, match="is a directory"):
+        train_gates(model, seqs, TrainConfig(budget=M, steps=1, seq_len=64), tmp_path)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(TrainingError, match="is a file, not a directory"):
+        train_gates(model, seqs, TrainConfig(budget=M, steps=1, seq_len=64), tmp_path / "f" / "g.safetensors")
 
+
+def test_training_creates_the_output_directory_and_checkpoints_there(model, tmp_path):
+    """--out in a directory that does not exist yet: made before the first step, so the checkpoints
+    (every ckpt_every steps) and the gates land there."""
+    seqs = make_sequences(tokens(256, 15), 64)
+    out = tmp_path / "new" / "dir" / "g.safetensors"
+    train_gates(model, seqs, TrainConfig(budget=M, steps=2, seq_len=64, width=4, ckpt_every=1), out)
+    assert out.is_file() and RetentionGates.load(out).w1.shape[1] == 4
+    assert not out.with_name(out.name + ".ckpt").exists()  # removed once the gates are written
+
+
+# ------------------------------------------------------------------------------------ the shipped gates
+def test_shipped_default_gates_are_found_trained_and_used_by_generate(default_model_dir, capsys):
+    """`obinfer generate --press trimkv --cache-budget 128` on the default model takes the gates shipped in
+    obinfer/data/gates; they were trained: on held-out essay text their expected retained tokens sit near
+    the budget where untrained gates keep nearly everything, while the gated model stays near the frozen
+    one; and every head holds at most 128 slots after each step."""
+    from obinfer.cache import retention
+    from obinfer.cli import main
+    from obinfer.eval.haystack import default_essays_dir, load_essays
+    from obinfer.tokenizer import load_tokenizer
+
+    model, tok = load_model(default_model_dir), load_tokenizer(default_model_dir)
+    path = retention.find_gates(model, 128)  # conftest's stand-in tries the real lookup first
+    assert path.parent == retention.SHIPPED_DIR and path.is_file()
+    meta = retention.read_meta(path)
+    assert meta["weights_digest"] == weights_digest(model) and meta["budget"] == "128"
+
+    load_essays()
+    held_out = sorted(default_essays_dir().glob("*.txt"), key=lambda p: p.name)[-1].read_text(
+        encoding="utf-8"
+    )
+    ids = make_sequences(tok.encode(held_out), 512)[:1]
+    cfg = TrainConfig(budget=128)
+    shipped = retention.load_gates(path)
+    with torch.no_grad():
+        _, trained = gates_loss(model, shipped, ids, cfg)
+        _, init = gates_loss(
+            model, RetentionGates.for_model(model, shipped.w1.shape[1], cfg.init_bias), ids, cfg
+        )
+    assert init["cap"] > 0.5 and trained["cap"] < 0.25 * init["cap"]
+    assert trained["kl"] < 0.5 and trained["ntp"] < init["ntp"] + 0.5
+
+    press = make_press("trimkv", budget=128)
+    prompt = tok.encode(held_out)[:300]
+
+    def at_most_budget(cache):  # noqa: ANN001, ANN202
+        assert max(max(layer.length) for layer in cache.layers) <= 128
+
+    toks, _ = run_stream(model, [prompt], press, 6, check=at_most_budget)
+    assert len(toks) == 6
+    assert main(["generate", "--model", str(default_model_dir), "--press", "trimkv", "--cache-budget", "128",
+                 "--prompt", "Tell me about the sea.", "--max-new-tokens", "4"]) in (0, None)  # fmt: skip
+    assert capsys.readouterr().out.strip()

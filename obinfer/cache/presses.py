@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from obinfer.cache import allocators, attention
+from obinfer.cache import retention as _retention  # noqa: F401  (registers the trimkv policy)
 from obinfer.cache.allocators import (
     ALLOCATORS,
     DEFAULT_ALLOCATOR,
@@ -65,7 +66,6 @@ from obinfer.cache.lookahead import (
     make_query_source,
     query_source_options,
 )
-from obinfer.cache import retention as _retention  # noqa: F401  (registers the trimkv policy)
 from obinfer.cache.policies import INF, POLICIES, Policy, PressError, is_int
 from obinfer.cache.scores import GQA_MODES, SCORES, ScoreFn, get_score
 

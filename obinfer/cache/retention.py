@@ -117,7 +117,9 @@ class RetentionGates(nn.Module):
         H = t["w2"].shape[1] if t["w2"].dim() == 3 else 0
         want = {"w1": (L, W, C), "b1": (L, W), "w2": (L, H, W), "b2": (L, H)}
         if not L or any(tuple(t[n].shape) != s for n, s in want.items()):
-            raise GatesError(f"{path}: inconsistent gate shapes {({n: tuple(v.shape) for n, v in t.items()})}")
+            raise GatesError(
+                f"{path}: inconsistent gate shapes { ({n: tuple(v.shape) for n, v in t.items()}) }"
+            )
         if not all(torch.isfinite(v).all() for v in t.values()):
             raise GatesError(f"{path}: the gate weights hold NaN or infinite values")
         g = cls(L, C, H, W)
@@ -140,7 +142,9 @@ class RetentionGates(nn.Module):
         digest = self.meta.get("weights_digest")
         if digest != weights_digest(model):
             made = self.meta.get("model", "another model")
-            raise GatesError(f"{source} were trained for {made} (weights digest {str(digest)[:12]}), not this model")
+            raise GatesError(
+                f"{source} were trained for {made} (weights digest {str(digest)[:12]}), not this model"
+            )
         trained = self.meta.get("budget")
         if budget is not None and trained != str(budget):
             raise GatesError(

@@ -2,8 +2,10 @@
 
     obinfer eval --presses full,snapkv,snapkv-obk --ratios 0.25,0.5,0.75 --tasks niah_single_1,vt \\
         --length 2048 --samples 20 --out results/
+    obinfer eval --presses full,h2o,tova,snapkv,trimkv --budgets 64,128,256,512 ... --out budgets/
     obinfer eval ... --out results/ --resume          # continue an interrupted run
     obinfer report results/ --per-task                # tables, comparisons, PNGs in results/plots
+    obinfer report budgets/ --compare trimkv=h2o,tova,snapkv   # also these paired comparisons
     torchrun --nproc-per-node 4 -m obinfer eval ... --device cuda --out results/   # 4 GPUs, one shard each
 """
 
@@ -19,6 +21,7 @@ from obinfer.cli.common import add_model_args, dtype_label, load
 from obinfer.errors import UserError
 
 DEFAULT_PRESSES = "full,snapkv,snapkv-obk"
+DEFAULT_RATIOS = "0.25,0.5,0.75"  # without --ratios and --budgets
 
 
 def _split(text: str, what: str) -> list[str]:
@@ -68,10 +71,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not args.dist_timeout > 0:
         raise UserError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     check_lengths(tasks, lengths)  # too small for a task: before the model is loaded
-    presses, ratios = _split(args.presses, "presses"), _floats(args.ratios, "ratios")
+    presses = _split(args.presses, "presses")
+    budgets = _ints(args.budgets, "budgets") if args.budgets is not None else []
+    if args.ratios is not None:
+        ratios = _floats(args.ratios, "ratios")
+    else:  # the default ratios, unless only budgets were asked for
+        ratios = [] if budgets else _floats(DEFAULT_RATIOS, "ratios")
     cfg = EvalConfig(
         presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill, batch=args.batch,
-        prefill_chunk=args.prefill_chunk,
+        prefill_chunk=args.prefill_chunk, budgets=budgets,
     )  # fmt: skip
     out = Path(args.out)
     check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
@@ -125,6 +133,15 @@ def _eval_ranks(args: argparse.Namespace, cfg: Any, out: Path, device: str, worl
     return run_eval(model, tok, rows, cfg, out, resume=args.resume, progress=progress, group=group)
 
 
+def _compare_pairs(text: str) -> list[tuple[str, str]]:
+    """``VARIANT=BASE1,BASE2`` -> [(VARIANT, BASE1), (VARIANT, BASE2)] (a value of --compare)."""
+    variant, eq, bases = text.partition("=")
+    names = [x.strip() for x in bases.split(",")]
+    if not eq or not variant.strip() or not all(names) or "=" in bases:
+        raise UserError(f"--compare expects VARIANT=BASE1,BASE2 (e.g. trimkv=h2o,tova,snapkv), got {text!r}")
+    return [(variant.strip(), base) for base in dict.fromkeys(names)]
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from obinfer.eval.report import make_report
 
@@ -132,6 +149,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    pairs = [pair for text in args.compare or [] for pair in _compare_pairs(text)]
     text, paths = make_report(
         args.results,
         args.per_task,
@@ -141,6 +159,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         seed=args.seed,
         strict=args.strict,
         warn=lambda msg: print(f"obinfer: warning: {msg}", file=sys.stderr),
+        pairs=pairs,
     )
     print(text)
     for p in paths:
@@ -159,9 +178,10 @@ def cmd_fetch_essays(args: argparse.Namespace) -> None:
 def _add_eval(sub: Any) -> None:
     e = sub.add_parser(
         "eval",
-        help="RULER-style evaluation of presses and compression ratios",
+        help="RULER-style evaluation of presses at compression ratios or absolute budgets",
         description="Generate (and cache) RULER samples, prefill each once, compress it with every press "
-        "and ratio, answer greedily and append scored rows to OUT/results.jsonl.",
+        "and ratio (--budgets: every press and budget, a prefill each), answer greedily and append scored "
+        "rows to OUT/results.jsonl.",
     )
     add_model_args(e)
     e.add_argument(
@@ -169,8 +189,14 @@ def _add_eval(sub: Any) -> None:
     )
     e.add_argument(
         "--ratios",
-        default="0.25,0.5,0.75",
-        help="compression ratios, fraction removed (default 0.25,0.5,0.75)",
+        help=f"compression ratios, fraction removed (default {DEFAULT_RATIOS}; none with --budgets)",
+    )
+    e.add_argument(
+        "--budgets",
+        metavar="M,...",
+        help="absolute budgets, tokens kept per KV head (e.g. 64,128,256,512), each run like `obinfer "
+        "generate --cache-budget M`: h2o, tova and trimkv keep at most M per head while decoding too; "
+        "each press prefills on its own",
     )
     e.add_argument("--tasks", default="all", help="comma-separated RULER tasks or 'all' (default: all 11)")
     e.add_argument("--length", default="2048", help="max_seq_length in tokens; comma-separated for several")
@@ -238,6 +264,13 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--no-plots", action="store_true", help="tables only")
     r.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     r.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    r.add_argument(
+        "--compare",
+        action="append",
+        metavar="VARIANT=BASE1,BASE2",
+        help="also compare VARIANT with each BASE on the same samples (paired bootstrap CI per ratio or "
+        "budget), e.g. trimkv=h2o,tova,snapkv; repeatable",
+    )
     r.add_argument(
         "--strict",
         action="store_true",

