@@ -27,9 +27,7 @@ from obinfer.loading import load_dir, resolve_model
 
 def run(model, ids: list[int], name: str, budget: int, n_new: int, opts: dict) -> GenStats:  # noqa: ANN001
     stats = GenStats()
-    press = (
-        make_press("full") if name == "full" else make_press(name, cache_budget=budget, **opts.get(name, {}))
-    )
+    press = make_press("full") if name == "full" else make_press(name, budget=budget, **opts.get(name, {}))
     for _ in stream(model, [ids], max_new_tokens=n_new, press=press, stats=stats):
         pass
     return stats
