@@ -215,6 +215,9 @@ def load_gates(path: Path, device: torch.device | str = "cpu") -> RetentionGates
     return _LOADED[key]
 
 
+_BOUND: dict[tuple[str, str], RetentionGates] = {}  # (bound gates file, device) -> gates, refreshed by bind
+
+
 @register_policy
 class TrimKV(Policy):
     """TRIM-KV: learned per-head retention gates; keeps the tokens of highest decayed retention beta^(t-i).
@@ -246,11 +249,18 @@ class TrimKV(Policy):
         against the model (and the budget, when given)."""
         path = Path(self.gates).expanduser() if self.gates else _lookup(model, budget)
         load_gates(path).check(model, budget, source=f"the gates in {path}")
-        return replace(self, gates=str(path.resolve()))
+        bound = replace(self, gates=str(path.resolve()))
+        for key in [k for k in _BOUND if k[0] == bound.gates]:  # a rebind sees a rewritten file
+            del _BOUND[key]
+        return bound
 
     def observe_input(self, idx: int, x: Tensor, pos: Tensor, layer: LayerCache) -> None:
+        key = (self.gates, str(x.device))  # called per layer per step: a dict lookup, no file stat
+        gates = _BOUND.get(key)
+        if gates is None:
+            gates = _BOUND[key] = load_gates(Path(self.gates), x.device)
         with torch.no_grad():
-            layer.set_newest(self.acc_name, load_gates(Path(self.gates), x.device).log_beta(idx, x))
+            layer.set_newest(self.acc_name, gates.log_beta(idx, x))
 
     def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         return self._retention(layer, q_pos[:, -1] + 1)
