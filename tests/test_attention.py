@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from obinfer.cache import attention
+from obinfer.cache import attention, kv_cache
 from obinfer.cache.kv_cache import KVCache, LayerCache
 
 B, H, G, D = 2, 3, 2, 8  # rows, KV heads, query heads per KV head, head dim
@@ -151,6 +151,43 @@ def test_ragged_decode_reads_only_its_segments():
     layer.k[~in_use] = torch.full((free, D), float("nan"))
     layer.v[~in_use] = torch.full((free, D), float("inf"))
     assert torch.equal(attention.attend(layer, q, 1), before)
+
+
+@pytest.mark.parametrize("layout", ["uniform", "ragged"])
+def test_bfloat16_attends_over_the_capacity_with_spare_slots_masked(layout, monkeypatch):
+    """On CPU in bfloat16 the decode and question paths multiply over each segment's capacity (a
+    matmul shape that lasts, `_stable_shapes`): still equal to the reference, and spare slots holding
+    large stale values change nothing, bit for bit."""
+    g = torch.Generator().manual_seed(32)
+    dtype = torch.bfloat16
+    cache = KVCache.empty(1, B, H, D, dtype=dtype)
+    layer = cache.layers[0]
+    layer.append(torch.randn(B, H, 7, D, generator=g).to(dtype), torch.randn(B, H, 7, D, generator=g).to(dtype),
+                 cache.next_positions(7))  # fmt: skip
+    if layout == "ragged":
+        layer.keep([torch.tensor(s) for s in RAGGED])
+    capped = []
+    real = attention._decode_attention
+    monkeypatch.setattr(attention, "_decode_attention", lambda *a: capped.append(len(a) == 4) or real(*a))
+    for T in (1, 3, 1, 1):
+        old = segments(layer)
+        pos = cache.next_positions(T)
+        k, v = torch.randn(B, H, T, D, generator=g).to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype)
+        q = torch.randn(B, H * G, T, D, generator=g).to(dtype)
+        layer.append(k, v, pos)
+        assert all(c % kv_cache.CAP_ALIGN == 0 for c in layer.cap) and layer.is_uniform() == (
+            layout == "uniform"
+        )
+        assert any(c > L for c, L in zip(layer.cap, layer.length, strict=True))  # spare slots exist
+        out = attention.attend(layer, q, T)
+        ref = reference_attention(q, old, [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)])
+        torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+        for s, L, c in zip(layer.start, layer.length, layer.cap, strict=True):
+            layer.k[s + L : s + c] = 1e4  # stale, large, finite
+            layer.v[s + L : s + c] = -1e4
+        assert torch.equal(attention.attend(layer, q, T), out)
+    if layout == "uniform":
+        assert capped and all(capped)  # the T = 1 steps took the capacity path
 
 
 def test_a_decode_step_never_reads_the_device(tiny_llama_dir, monkeypatch):

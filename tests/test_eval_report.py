@@ -436,13 +436,13 @@ def test_budget_plots(tmp_path, monkeypatch):
     rows = _budget_rows()
     _write(tmp_path / "results.jsonl", rows)
     saved = {}
-    real = report._save
+    real = report.save_png
 
     def keep(fig, path, dpi):  # noqa: ANN001, ANN202
         saved[path.name] = fig
         return real(fig, path, dpi)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(report, "save_png", keep)
     _, paths = report.make_report(tmp_path, n_boot=50)
     assert sorted(p.name for p in paths) == [
         "accuracy_agnostic_1000.png",

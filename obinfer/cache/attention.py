@@ -82,6 +82,10 @@ def _attend_uniform(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
     k, v, pos = layer.dense()  # views: (B, Hkv, S, D), (B, Hkv, S, D), (B, Hkv, S)
     L = k.shape[2]
     if layer.n_invalid == 0 and n_new == 1:
+        cap = layer.cap[0]
+        if cap > L and _stable_shapes(layer.k) and layer.k.shape[0] == layer.n_segments * cap:
+            B, H, _, D = k.shape  # attend over the capacity (a shape that lasts), spare slots masked
+            return _decode_attention(q, layer.k.view(B, H, cap, D), layer.v.view(B, H, cap, D), L)
         return _decode_attention(q, k, v)
     if layer.n_invalid == 0 and n_new == L:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -112,18 +116,23 @@ def _decode_segments(layer: LayerCache, q: Tensor) -> Tensor:
     qs = q.reshape(n, Hq // layer.n_kv_heads, D)  # segment i = b * Hkv + h: query heads h * G ... as rows
     if q.dtype == torch.float32:  # scale the G x D queries, not the G x S logits (same float32 rounding)
         qs, scale = qs * scale, 1.0
+    caps = layer.cap if _stable_shapes(layer.k) else layer.length  # see `_stable_shapes`
     outs = []
-    for s, L in zip(layer.start, layer.length, strict=True):
-        logits = torch.mm(qs[len(outs)], layer.k[s : s + L].T)  # (G, L)
+    for s, L, n in zip(layer.start, layer.length, caps, strict=True):
+        logits = torch.mm(qs[len(outs)], layer.k[s : s + n].T)  # (G, n)
         if scale != 1.0:
             logits = logits.float().mul_(scale)
+        if n > L:
+            logits[:, L:] = -math.inf  # the segment's spare slots
         w = torch.softmax(logits, dim=-1).to(layer.v.dtype)
-        outs.append(torch.mm(w, layer.v[s : s + L]))  # (G, D)
+        outs.append(torch.mm(w, layer.v[s : s + n]))  # (G, D)
     return torch.stack(outs).view(B, Hq, 1, D)
 
 
 def _attend_segments(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
     """One SDPA call per (row, KV head) over that segment's own slots, with the `_visibility` mask."""
+    if layer.known_no_pads() and _stable_shapes(layer.k):
+        return _block_segments(layer, q, n_new)
     B, Hq, T, D = q.shape
     G = Hq // layer.n_kv_heads
     out = torch.empty_like(q)
@@ -140,17 +149,55 @@ def _attend_segments(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
     return out
 
 
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _block_segments(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
+    """`_attend_segments` without pad slots, in bfloat16 / float16 on CPU: per segment, two matmuls over
+    its capacity (`_stable_shapes`) and a float32 softmax; old slots visible, the T new ones causal,
+    spare slots masked. (An SDPA call per segment builds a kernel per new segment length too.)"""
+    B, Hq, T, D = q.shape
+    G = Hq // layer.n_kv_heads
+    qs = q.reshape(layer.n_segments, G * T, D)  # segment i's G query heads x T queries as rows
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)  # (t, new slot u): u > t hidden
+    scale = 1.0 / math.sqrt(D)
+    outs = []
+    for i, (s, L, n) in enumerate(zip(layer.start, layer.length, layer.cap, strict=True)):
+        logits = torch.mm(qs[i], layer.k[s : s + n].T).float().mul_(scale).view(G, T, n)
+        logits[:, :, L - T : L].masked_fill_(causal, -math.inf)
+        logits[:, :, L:] = -math.inf
+        w = torch.softmax(logits, dim=-1).to(layer.v.dtype).view(G * T, n)
+        outs.append(torch.mm(w, layer.v[s : s + n]))  # (G * T, D)
+    return torch.stack(outs).view(B, Hq, T, D)
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, valid: int | None = None) -> Tensor:
     """One new query per row over every cached slot: two small batched matmuls, softmax in float32.
 
     (CPU SDPA kernels are tuned for long query blocks; for T = 1 this is several times faster.)
-    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) -> (B, Hq, 1, D).
+    q: (B, Hq, 1, D); k, v: (B, Hkv, S, D) -> (B, Hq, 1, D). valid: only the first `valid` slots are
+    attended (the rest are spare capacity, masked); None: all S.
     """
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     qg = q.reshape(B, Hkv, Hq // Hkv, D)  # the G query heads of a KV head as rows
-    w = torch.softmax((qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D)), dim=-1)
+    logits = (qg @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))
+    if valid is not None and valid < k.shape[2]:
+        logits[..., valid:] = -math.inf
+    w = torch.softmax(logits, dim=-1)
     return (w.to(v.dtype) @ v).reshape(B, Hq, 1, D)
+
+
+def _stable_shapes(buf: Tensor) -> bool:
+    """Whether decode attention should multiply over each segment's capacity, not its length.
+
+    On CPU a bfloat16 / float16 matmul goes through oneDNN, which builds (JIT-compiles) a kernel for
+    every new shape: about 1.4 ms, 15x the multiply itself for a (7 x 64) x (64 x 1500) product. A decode
+    step makes every segment one slot longer, so every matmul of every step had a new shape (measured:
+    batched bfloat16 decoding of 41 ragged rows at 4k, 1.0 s per step, 0.3 s of it multiplies). A segment's
+    capacity changes only when it is re-allocated (every length/16 tokens) and takes few distinct values
+    (`kv_cache.headroom` rounds it to `CAP_ALIGN` slots), so the kernels are built once and cached; the
+    spare slots (zeros or stale finite values, never uninitialised memory) get a -inf logit and weight 0.
+    float32 (MKL, no per-shape kernel) and CUDA keep the exact lengths.
+    """
+    return buf.device.type == "cpu" and buf.dtype in (torch.bfloat16, torch.float16)
 
 
 def _visibility(pos: Tensor, L: int, n_new: int) -> Tensor:

@@ -78,13 +78,20 @@ def host_tensor(values: Sequence, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def headroom(length: int) -> int:
+CAP_ALIGN = 64  # bfloat16 / float16 on CPU: a grown segment's capacity is a multiple of this many slots
+
+
+def headroom(length: int, align: int = 1) -> int:
     """Extra slots reserved when a segment of `length` slots outgrows its capacity while decoding.
 
     Proportional (1/16, at least 16), so allocated memory stays within ~6% (+16 slots per head) of the
-    tokens held, and re-allocations are amortised: one copy per length/16 decoded tokens.
+    tokens held, and re-allocations are amortised: one copy per length/16 decoded tokens. With `align`,
+    length + headroom is rounded up to a multiple of it (+align - 1 slots at most): LayerCache uses
+    `CAP_ALIGN` for bfloat16 / float16 on CPU, whose decode attention's matmul shapes follow the
+    capacities (`obinfer/cache/attention.py:_stable_shapes`), so that they take few distinct values.
     """
-    return max(16, length // 16)
+    grown = length + max(16, length // 16)
+    return -(-grown // align) * align - length
 
 
 class LayerCache:
@@ -316,8 +323,13 @@ class LayerCache:
             self._relayout()
         else:
             if any(L + T > c for L, c in zip(self.length, self.cap, strict=True)):
+                reduced = self.k.device.type == "cpu" and self.k.dtype in (torch.bfloat16, torch.float16)
+                align = CAP_ALIGN if reduced else 1
                 self._reallocate(
-                    [max(c, L + T + headroom(L + T)) for L, c in zip(self.length, self.cap, strict=True)]
+                    [
+                        max(c, L + T + headroom(L + T, align))
+                        for L, c in zip(self.length, self.cap, strict=True)
+                    ]
                 )
             dst = self._new_slots(T)
             self._write_new(self.k, k, dst)

@@ -149,6 +149,10 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise UserError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if not 0.0 <= args.informative <= 100.0:
+        raise UserError(
+            f"--informative must be in [0, 100] (a full-cache accuracy in %), got {args.informative:g}"
+        )
     pairs = [pair for text in args.compare or [] for pair in _compare_pairs(text)]
     text, paths = make_report(
         args.results,
@@ -160,6 +164,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         strict=args.strict,
         warn=lambda msg: print(f"obinfer: warning: {msg}", file=sys.stderr),
         pairs=pairs,
+        paper=args.paper,
+        informative=args.informative,
     )
     print(text)
     for p in paths:
@@ -270,6 +276,19 @@ def add_commands(sub: Any) -> None:
         metavar="VARIANT=BASE1,BASE2",
         help="also compare VARIANT with each BASE on the same samples (paired bootstrap CI per ratio or "
         "budget), e.g. trimkv=h2o,tova,snapkv; repeatable",
+    )
+    r.add_argument(
+        "--paper",
+        action="store_true",
+        help="also the OBCache paper's tables (each of h2o, tova, snapkv, adakv-snapkv against its -obk "
+        "variant per mode x ratio, with paired CIs; the score ablation) and plots, on the informative tasks",
+    )
+    r.add_argument(
+        "--informative",
+        type=float,
+        default=80.0,
+        metavar="PCT",
+        help="with --paper: a task is informative if its full-cache accuracy is >= PCT %% (default 80)",
     )
     r.add_argument(
         "--strict",

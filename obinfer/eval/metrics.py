@@ -171,3 +171,31 @@ def paired_bootstrap_ci(
     means = _bootstrap_means(d, n_boot, seed)
     q = (1 - level) / 2
     return float(d.mean()), float(np.quantile(means, q)), float(np.quantile(means, 1 - q))
+
+
+def stratified_bootstrap_ci(
+    strata: Sequence[Sequence[float]], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean over strata of each stratum's mean, with a percentile bootstrap CI that resamples within
+    each stratum (RULER's headline is the mean over tasks of each task's mean: a stratum is a task).
+
+    Pass per-sample differences of two presses on the same samples for a paired CI of their accuracy
+    difference. With one stratum this is ``paired_bootstrap_ci`` of the differences.
+
+    Returns:
+        ``(mean, lo, hi)``.
+    """
+    xs = [np.asarray(s, dtype=np.float64) for s in strata]
+    if not xs or any(x.ndim != 1 or x.size == 0 for x in xs):
+        raise MetricsError("stratified_bootstrap_ci needs one or more non-empty 1-D strata")
+    if n_boot < 1:
+        raise MetricsError(f"n_boot must be >= 1, got {n_boot}")
+    _z(level)
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(n_boot)
+    for x in xs:
+        boot += x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    boot /= len(xs)
+    q = (1 - level) / 2
+    est = float(np.mean([x.mean() for x in xs]))
+    return est, float(np.quantile(boot, q)), float(np.quantile(boot, 1 - q))

@@ -34,8 +34,8 @@ from typing import Any
 from obinfer.cache.allocators import DEFAULT_ALLOCATOR
 from obinfer.cache.policies import PressError
 from obinfer.cache.presses import FULL_NAME
-from obinfer.errors import require
 from obinfer.eval import EvalError
+from obinfer.eval.figures import DEPTH_BINS, PLOTS_WHAT, new_figure, save_png
 from obinfer.eval.results import (
     ResultsError,
     ResultsMissing,
@@ -45,7 +45,6 @@ from obinfer.eval.results import (
     row_budget,
     scan_results_dir,
 )
-from obinfer.storage import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,6 @@ SCORE_STYLES: dict[str, tuple[Any, str]] = {  # score -> (line style, marker)
     "obkv": (":", "D"),
 }
 OTHER_STYLE: tuple[Any, str] = ((0, (5, 1, 1, 1)), "v")
-PLOTS_WHAT = "for the plots (use --plots-dir)"  # completes "PATH is a file, not a directory ..."
-DEPTH_BINS = 10  # needle depth bins of 10 percentage points
 AXES = ("ratio", "budget")  # a row's axis: compression ratio (budget 0), or absolute budget M > 0
 BUDGET_TITLE = "by budget (tokens per head)"
 
@@ -326,24 +323,6 @@ def format_comparisons(comps: list[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- plots
-def _new_figure(w: float, h: float, layout: str | None = None):  # noqa: ANN202
-    """A matplotlib Figure on an Agg canvas (no pyplot, no global backend state)."""
-    require("matplotlib", what="plots")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: Path, dpi: int) -> Path:
-    """Write the figure as PNG atomically (a kill never leaves a truncated PNG)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
-
-
 def press_style(name: str, families: Sequence[str]) -> dict[str, Any]:
     """Line kwargs: colour from the press family, line style and marker from its score."""
     from matplotlib import colormaps
@@ -366,7 +345,7 @@ def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
     for (mode, length), axis, cells in _by_axis(rows, per_task=False):
         names = press_order(list(cells))
         many = len(names) > 8  # a long legend goes beside the axes, not over the lines
-        fig = _new_figure(9.5 if many else 7, 4.5)
+        fig = new_figure(9.5 if many else 7, 4.5)
         ax = fig.add_subplot()
         families = list(dict.fromkeys(press_name(n).family for n in names if n != FULL_NAME))
         for name in names:
@@ -392,7 +371,7 @@ def plot_accuracy(rows: Rows, out_dir: Path | str) -> list[Path]:
             ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         suffix = "_budget" if axis == "budget" else ""
-        paths.append(_save(fig, out_dir / f"accuracy_{mode}_{length}{suffix}.png", dpi=110))
+        paths.append(save_png(fig, out_dir / f"accuracy_{mode}_{length}{suffix}.png", dpi=110))
     return paths
 
 
@@ -453,13 +432,13 @@ def plot_depth_heatmaps(rows: Rows, out_dir: Path | str) -> list[Path]:
 
 
 def _full_heatmap(rows: Rows, lengths: list[int], mode: str, out_dir: Path) -> Path:
-    fig = _new_figure(1.5 + 0.9 * len(lengths), 4.5)
+    fig = new_figure(1.5 + 0.9 * len(lengths), 4.5)
     ax = fig.add_subplot()
     im = _heatmap(ax, rows, lengths, f"full cache, {mode}: niah accuracy (%), grey = no data", labels=True)
     ax.set(xlabel="context length (tokens)", ylabel="needle depth (%)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    return _save(fig, out_dir / f"niah_depth_full_{mode}.png", dpi=110)
+    return save_png(fig, out_dir / f"niah_depth_full_{mode}.png", dpi=110)
 
 
 def _press_heatmaps(
@@ -468,7 +447,7 @@ def _press_heatmaps(
     names = press_order([p for p, _ in cells if p != FULL_NAME])
     ratios = sorted({r for p, r in cells if p != FULL_NAME})
     at = (lambda r: f"M={int(r)}") if axis == "budget" else (lambda r: f"{r:g}")  # noqa: E731
-    fig = _new_figure(1.5 + (0.6 + 0.5 * len(lengths)) * len(ratios), 1.0 + 1.9 * len(names), "constrained")
+    fig = new_figure(1.5 + (0.6 + 0.5 * len(lengths)) * len(ratios), 1.0 + 1.9 * len(names), "constrained")
     axes = fig.subplots(len(names), len(ratios), squeeze=False)
     im = None
     for i, name in enumerate(names):
@@ -484,7 +463,7 @@ def _press_heatmaps(
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6)
     suffix = "_budget" if axis == "budget" else ""
-    return _save(fig, out_dir / f"niah_depth_presses_{mode}{suffix}.png", dpi=100)
+    return save_png(fig, out_dir / f"niah_depth_presses_{mode}{suffix}.png", dpi=100)
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -498,6 +477,8 @@ def make_report(
     strict: bool = False,
     warn: Callable[[str], None] | None = None,
     pairs: Sequence[tuple[str, str]] = (),
+    paper: bool = False,
+    informative: float = 80.0,
 ) -> tuple[str, list[Path]]:
     """The report text (tables + comparisons) and the PNGs written (default ``<results>/plots``).
 
@@ -505,8 +486,13 @@ def make_report(
     warning) naming the file and the first few line numbers; ``strict=True`` raises ResultsError instead.
     A results directory's unmerged shards (a torchrun job still running, or one that died) are read too.
     `pairs`: (variant, baseline) comparisons added to the automatic ones (`compare_variants`); one that
-    finds no shared samples is named to `warn`.
+    finds no shared samples is named to `warn`. `paper`: also the OBCache paper's tables on the tasks
+    whose full-cache accuracy is >= `informative` % (`obinfer/eval/paper.py`), and its plots.
     """
+    if not 0.0 <= informative <= 100.0:
+        raise ReportError(
+            f"the informative threshold is a full-cache accuracy in [0, 100] %, got {informative:g}"
+        )
     if n_boot < 1:
         raise ReportError(f"the number of bootstrap resamples must be >= 1, got {n_boot}")
     if seed < 0:
@@ -537,9 +523,16 @@ def make_report(
                 else "no ratio or budget of both on the same samples"
             )
             (warn or logger.warning)(f"comparison {variant}={base}: {why} in these results")
-    text = "\n\n".join([accuracy_tables(rows, per_task), format_comparisons(comps)])
+    parts = [accuracy_tables(rows, per_task), format_comparisons(comps)]
+    if paper:
+        from obinfer.eval import paper as pp
+
+        parts.append(pp.paper_report(rows, informative, per_task=per_task, n_boot=n_boot, seed=seed))
     paths: list[Path] = []
     if plots:
         pdir = Path(plots_dir) if plots_dir is not None else scan.path.parent / "plots"
         paths = plot_accuracy(rows, pdir) + plot_depth_heatmaps(rows, pdir)
-    return text, paths
+        if paper:
+            tasks = pp.informative_tasks(rows, informative)
+            paths += pp.plot_paper(rows, pdir, tasks, per_task=per_task) + pp.plot_depth_ratio(rows, pdir)
+    return "\n\n".join(parts), paths

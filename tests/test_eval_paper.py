@@ -1,0 +1,165 @@
+"""obinfer/eval/paper.py: the OBCache paper's tables (informative tasks, paired CIs per cell, tally,
+score ablation) and plots, checked against plain loops over hand-made results."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+
+import matplotlib.image as mpimg
+import pytest
+
+from obinfer.eval import paper
+from obinfer.eval.metrics import MetricsError, paired_bootstrap_ci, stratified_bootstrap_ci
+from obinfer.eval.report import make_report
+
+TASKS = {"niah_single_1": 1.0, "niah_multikey_1": 0.9, "vt": 0.5}  # task -> full-cache success rate
+PRESSES = ("snapkv", "snapkv-obk", "snapkv-obv", "h2o", "h2o-obk")
+RATIOS = (0.5, 0.9)
+N = 10
+
+
+def _rows(seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for mode in ("agnostic", "aware"):
+        for task, p_full in TASKS.items():
+            for i in range(N):
+                depth = [round(100 * (i + 0.5) / N, 2)]
+                base = {"task": task, "index": i, "length": 4096, "mode": mode, "depth": depth, "budget": 0}
+                full = 1.0 if i < round(p_full * N) else 0.0
+                rows.append(base | {"press": "full", "ratio": 0.0, "score": full})
+                for press in PRESSES:
+                    for r in RATIOS:
+                        p = (0.8 if "ob" in press else 0.5) * (1 - r / 2)
+                        rows.append(base | {"press": press, "ratio": r, "score": float(rng.random() < p)})
+    return rows
+
+
+def _acc(rows, press, mode, ratio, tasks):
+    """Plain mean over tasks of the task's mean score, x100."""
+    by_task = defaultdict(list)
+    for r in rows:
+        if r["press"] == press and r["mode"] == mode and r["ratio"] == ratio and r["task"] in tasks:
+            by_task[r["task"]].append(r["score"])
+    return 100 * sum(sum(v) / len(v) for v in by_task.values()) / len(by_task)
+
+
+def test_stratified_bootstrap_reduces_to_the_paired_one_and_weights_tasks_equally():
+    rng = random.Random(1)
+    a = [float(rng.random() < 0.7) for _ in range(25)]
+    b = [float(rng.random() < 0.4) for _ in range(25)]
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    assert stratified_bootstrap_ci([d], n_boot=500, seed=3) == pytest.approx(
+        paired_bootstrap_ci(a, b, 500, 3)
+    )
+    # two tasks of different sizes: the estimate is the mean of the task means, not the pooled mean
+    est, lo, hi = stratified_bootstrap_ci([[1.0] * 2, [0.0] * 8], n_boot=200)
+    assert (est, lo, hi) == (0.5, 0.5, 0.5)  # constant within each task: no spread
+    est, lo, hi = stratified_bootstrap_ci([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0]], n_boot=2000)
+    assert est == pytest.approx((0.75 + 1 / 3) / 2) and lo < est < hi
+    with pytest.raises(MetricsError):
+        stratified_bootstrap_ci([[1.0], []])
+    with pytest.raises(MetricsError):
+        stratified_bootstrap_ci([[1.0]], n_boot=0)
+
+
+def test_informative_tasks_follow_the_full_cache():
+    rows = _rows()
+    assert paper.full_accuracy(rows)[4096]["niah_multikey_1"] == (90.0, 2 * N)
+    assert paper.informative_tasks(rows) == {4096: ["niah_multikey_1", "niah_single_1"]}
+    assert paper.informative_tasks(rows, 95.0) == {4096: ["niah_single_1"]}
+    assert paper.informative_tasks(rows, 0.0) == {4096: sorted(TASKS)}
+    no_full = [r for r in rows if not (r["press"] == "full" and r["task"] == "vt")]
+    assert "vt" in paper.informative_tasks(no_full)[4096]  # no full-cache row: nothing says uninformative
+
+
+def test_paper_cells_match_plain_loops():
+    rows = _rows()
+    tasks = paper.informative_tasks(rows)
+    cells = paper.paper_cells(rows, tasks, n_boot=300)
+    fams = {(c.baseline, c.variant) for c in cells}
+    assert fams == {("h2o", "h2o-obk"), ("snapkv", "snapkv-obk")}  # tova, adakv-snapkv: no rows
+    assert len(cells) == 2 * 2 * (len(RATIOS) + 1)  # families x modes x (ratios + pooled)
+    for c in cells:
+        ratios = RATIOS if c.ratio == "all" else [c.ratio]
+        base = sum(_acc(rows, c.baseline, c.mode, r, tasks[4096]) for r in ratios) / len(ratios)
+        var = sum(_acc(rows, c.variant, c.mode, r, tasks[4096]) for r in ratios) / len(ratios)
+        assert (c.base_acc, c.var_acc) == (pytest.approx(base), pytest.approx(var))
+        assert c.diff == pytest.approx(var - base) and c.lo <= c.diff <= c.hi and c.n == 2 * N
+        assert c.verdict == ("better" if c.lo > 0 else "worse" if c.hi < 0 else "no clear difference")
+    t = paper.tally(cells)
+    per_ratio = [c for c in cells if c.ratio != "all"]
+    assert t == {
+        "cells": 8,
+        "at_least_as_good": sum(c.var_acc >= c.base_acc - 1e-9 for c in per_ratio),
+        "better": sum(c.lo > 0 for c in per_ratio),
+        "worse": sum(c.hi < 0 for c in per_ratio),
+    }
+    assert t["better"] >= 1  # the variants were drawn 1.6x as likely to succeed
+
+
+def test_paper_table_and_ablation_text():
+    rows = _rows()
+    tasks = paper.informative_tasks(rows)
+    cells = paper.paper_cells(rows, tasks, n_boot=300)
+    text = paper.format_paper_table(cells)
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("| method"))
+    assert head.split(" | ")[1:] == [
+        "agnostic 0.5",
+        "agnostic 0.9",
+        "agnostic mean",
+        "aware 0.5",
+        "aware 0.9",
+        "aware mean |",
+    ]
+    snap = next(line for line in lines if line.startswith("| snapkv |"))
+    assert snap.split(" | ")[1] == f"{_acc(rows, 'snapkv', 'agnostic', 0.5, tasks[4096]):.1f}"
+    t = paper.tally(cells)
+    assert f"at least as accurate as its baseline in {t['at_least_as_good']} of 8 cells" in text
+    assert f"significantly better in {t['better']}, significantly worse in {t['worse']}" in text
+    abl = paper.ablation_cells(rows, tasks, n_boot=300)
+    assert {(c.mode, c.variant) for c in abl} == {
+        (m, v) for m in ("agnostic", "aware") for v in ("snapkv-obv", "snapkv-obk")
+    }
+    atext = paper.format_ablation(abl)
+    assert "| mode | family | attn | obv | obk |" in atext
+    row = next(line for line in atext.splitlines() if line.startswith("| aware | snapkv |"))
+    pooled = sum(_acc(rows, "snapkv", "aware", r, tasks[4096]) for r in RATIOS) / 2
+    assert row.split(" | ")[2] == f"{pooled:.1f}"
+
+
+def test_make_report_paper_text_and_plots(tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    text, paths = make_report(out, per_task=True, paper=True, n_boot=100)
+    assert "| 4096 | vt | 50.0 | 20 | no |" in text
+    assert "The paper's grid (obk vs attn), informative tasks, length 4096" in text
+    assert "niah_single_1, length 4096" in text and "vt, length 4096" not in text
+    names = {p.name for p in paths}
+    assert {"paper_4096.png", "paper_4096_niah_single_1.png", "depth_ratio_4096.png"} <= names
+    assert "paper_4096_vt.png" not in names
+    for p in paths:
+        assert mpimg.imread(p).shape[2] in (3, 4)
+    best, worst = paper.rank_presses(_rows())[0][0], paper.rank_presses(_rows())[-1][0]
+    assert "ob" in best and "ob" not in worst
+
+
+def test_cli_report_paper_options(tmp_path, capsys):
+    from obinfer.cli import main
+
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    assert (
+        main(["report", str(out), "--paper", "--no-plots", "--informative", "95", "--bootstrap", "50"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "| 4096 | niah_multikey_1 | 90.0 | 20 | no |" in text
+    for bad in ("101", "-1", "nan"):
+        assert main(["report", str(out), "--paper", "--informative", bad]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--informative" in err[0]
