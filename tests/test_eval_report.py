@@ -490,3 +490,38 @@ def test_cli_report_compare(tmp_path, capsys):
         _one_line_error(capsys, "--compare expects VARIANT=BASE1,BASE2", repr(bad))
     assert cli.main([*argv, "--compare", "h2o=h2o"]) == 2
     _one_line_error(capsys, "comparison h2o=h2o compares a press with itself")
+
+
+# ------------------------------------------------------------------ archived (gzip) results
+def test_an_archived_run_reports_and_resumes(tmp_path, capsys):
+    """A directory holding only results.jsonl.gz (a run committed to the repository) gives the same
+    report as the plain file; `--resume` writes its rows back to results.jsonl and continues after them;
+    without --resume the archive is refused like a results file; a damaged archive is one line."""
+    import gzip
+
+    from obinfer import cli
+
+    rows = _rows()
+    _write(tmp_path / "plain" / "results.jsonl", rows)
+    arch = tmp_path / "arch"
+    arch.mkdir()
+    (arch / results.ARCHIVE_FILE).write_bytes(
+        gzip.compress((tmp_path / "plain" / "results.jsonl").read_bytes())
+    )
+    plain_text, _ = report.make_report(tmp_path / "plain", plots=False, n_boot=50)
+    arch_text, _ = report.make_report(arch, plots=False, n_boot=50)
+    assert arch_text == plain_text and results.results_path(arch).name == results.ARCHIVE_FILE
+    with pytest.raises(results.ResultsError, match="already exists: pass --resume"):
+        results.check_out_dir(arch, resume=False)
+    assert not (arch / results.RESULTS_FILE).exists()
+    path = results.check_out_dir(arch, resume=True)
+    assert (
+        path == arch / results.RESULTS_FILE
+        and path.read_bytes() == (tmp_path / "plain" / "results.jsonl").read_bytes()
+    )
+    assert results.open_for_resume(path, resume=True) == {results.result_key(r) for r in rows}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / results.ARCHIVE_FILE).write_bytes(b"not gzip at all")
+    assert cli.main(["report", str(bad), "--no-plots"]) != 0
+    _one_line_error(capsys, "results.jsonl.gz", "not a readable gzip file")

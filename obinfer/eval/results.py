@@ -15,9 +15,11 @@ unusable lines, naming them (:func:`scan_results`), or refuse them with ``strict
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +33,9 @@ from obinfer.eval import EvalError
 from obinfer.storage import atomic_write_bytes, atomic_write_text, oserror_for
 
 RESULTS_FILE = "results.jsonl"
+ARCHIVE_FILE = (
+    "results.jsonl.gz"  # a finished or paused run, compressed for the repository (gzip of RESULTS_FILE)
+)
 RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
 RUN_KEYS = ("model", "dtype", "seed", "chat")  # run.json entries that must match to resume
 RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
@@ -155,9 +160,39 @@ class ResultsScan:
 
 
 def results_path(path: Path | str) -> Path:
-    """The results file: `path` itself, or ``path/results.jsonl`` for a directory."""
+    """The results file: `path` itself, or for a directory ``path/results.jsonl``, or its archive
+    ``path/results.jsonl.gz`` where only that exists."""
     p = Path(path)
-    return p / RESULTS_FILE if p.is_dir() else p
+    if not p.is_dir():
+        return p
+    return (
+        p / ARCHIVE_FILE
+        if (p / ARCHIVE_FILE).is_file() and not (p / RESULTS_FILE).exists()
+        else p / RESULTS_FILE
+    )
+
+
+def _read_bytes(p: Path) -> bytes:
+    """A results file's bytes, decompressed for a ``.gz`` one (ResultsError if it is not gzip)."""
+    data = p.read_bytes()
+    if p.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ResultsError(f"{p} is not a readable gzip file ({e})") from None
+
+
+def unpack_archive(out_dir: Path | str) -> bool:
+    """Resuming a directory that holds only ``results.jsonl.gz`` (a run committed to the repository):
+    write its rows back to ``results.jsonl`` (atomically) so that the run appends to them. True if it did.
+    """
+    d = Path(out_dir)
+    gz, plain = d / ARCHIVE_FILE, d / RESULTS_FILE
+    if plain.exists() or not gz.is_file():
+        return False
+    atomic_write_bytes(plain, _read_bytes(gz))
+    return True
 
 
 def scan_results(path: Path | str) -> ResultsScan:
@@ -172,7 +207,7 @@ def scan_results(path: Path | str) -> ResultsScan:
         raise ResultsError(f"{p} is a directory, not a results file")
     if not p.is_file():
         raise ResultsMissing(f"no results found at {p} (run `obinfer eval --out DIR` first)")
-    data = p.read_bytes()
+    data = _read_bytes(p)
     rows: Rows = []
     bad: list[BadLine] = []
     offset, last = 0, 0
@@ -258,6 +293,13 @@ def check_out_dir(out_dir: Path | str, resume: bool, scan: bool = True) -> Path:
         raise ResultsError(f"{out_dir} is a file, not a results directory (choose another --out)")
     if path.is_dir():
         raise ResultsError(f"{path} is a directory, not a results file (remove it or choose another --out)")
+    if (out_dir / ARCHIVE_FILE).is_file() and not path.exists():
+        if not resume:
+            raise ResultsError(
+                f"{out_dir / ARCHIVE_FILE} already exists: pass --resume to continue that run, or choose "
+                "another --out"
+            )
+        unpack_archive(out_dir)
     if path.is_file() and path.stat().st_size:
         if not resume:
             raise ResultsError(
