@@ -96,6 +96,7 @@ def test_paper_cells_match_plain_loops():
         "at_least_as_good": sum(c.var_acc >= c.base_acc - 1e-9 for c in per_ratio),
         "better": sum(c.lo > 0 for c in per_ratio),
         "worse": sum(c.hi < 0 for c in per_ratio),
+        "no_ci": 0,
     }
     assert t["better"] >= 1  # the variants were drawn 1.6x as likely to succeed
 
@@ -163,3 +164,15 @@ def test_cli_report_paper_options(tmp_path, capsys):
         assert main(["report", str(out), "--paper", "--informative", bad]) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--informative" in err[0]
+
+
+def test_a_task_with_one_sample_gets_no_ci():
+    """Resampling within a task of one sample has no spread: such a cell shows no CI, is never bold and
+    never counts as significant."""
+    rows = [r for r in _rows() if r["task"] == "niah_single_1" or r["index"] == 0]
+    cells = paper.paper_cells(rows, {4096: ["niah_single_1", "niah_multikey_1"]}, n_boot=200)
+    assert cells and all(c.verdict.startswith("no CI") for c in cells)
+    t = paper.tally(cells)
+    assert t["no_ci"] == t["cells"] == 8 and t["better"] == t["worse"] == 0
+    text = paper.format_paper_table(cells)
+    assert "[no CI]" in text and "**" not in text and "8 cells have no CI" in text

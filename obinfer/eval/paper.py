@@ -36,6 +36,7 @@ from obinfer.eval.results import Rows, output_dir, press_name, row_budget
 PAPER_FAMILIES = ("h2o", "tova", "snapkv", "adakv-snapkv")  # the paper's four methods, in its order
 ABLATION_SCORES = ("attn", "obv", "obk", "obkv", "caote")
 INFORMATIVE = 80.0  # full-cache accuracy (%) at or above which a task is informative
+MIN_PER_TASK = 2  # fewer shared samples in some task: no CI (resampling within a task of 1 has no spread)
 
 
 def variant_name(family: str, score: str) -> str:
@@ -115,6 +116,8 @@ class Cell:
 
     @property
     def verdict(self) -> str:
+        if math.isnan(self.lo):
+            return f"no CI (a task with fewer than {MIN_PER_TASK} samples)"
         return "better" if self.lo > 0 else "worse" if self.hi < 0 else "no clear difference"
 
 
@@ -123,7 +126,10 @@ def _cell(mode, length, base, variant, ratio, a: dict, b: dict, n_boot: int, see
     if not keys:
         return None
     diffs = {k: a[k] - b[k] for k in keys}
-    d, lo, hi = stratified_bootstrap_ci(_strata(keys, diffs), n_boot=n_boot, seed=seed)
+    strata = _strata(keys, diffs)
+    d, lo, hi = stratified_bootstrap_ci(strata, n_boot=n_boot, seed=seed)
+    if min(len(x) for x in strata) < MIN_PER_TASK:  # a task of one sample would count as certain
+        lo = hi = math.nan
     return Cell(mode, length, base, variant, ratio, _task_mean(keys, b), _task_mean(keys, a),
                 100 * d, 100 * lo, 100 * hi, len(keys))  # fmt: skip
 
@@ -195,11 +201,14 @@ def tally(cells: Sequence[Cell]) -> dict[str, int]:
         "at_least_as_good": sum(c.diff >= 0 for c in cs),
         "better": sum(c.lo > 0 for c in cs),
         "worse": sum(c.hi < 0 for c in cs),
+        "no_ci": sum(math.isnan(c.lo) for c in cs),
     }
 
 
 # ------------------------------------------------------------------------------------------ tables
 def _ci(c: Cell) -> str:
+    if math.isnan(c.lo):
+        return f"{c.diff:+.1f} [no CI]"
     text = f"{c.diff:+.1f} [{c.lo:+.1f}, {c.hi:+.1f}]"
     return f"**{text}**" if c.lo > 0 or c.hi < 0 else text
 
@@ -236,7 +245,12 @@ def format_paper_table(cells: Sequence[Cell], title: str = "") -> str:
             "",
             f"The variant is at least as accurate as its baseline in {t['at_least_as_good']} of {t['cells']} "
             f"cells (mode x ratio x method); significantly better in {t['better']}, significantly worse in "
-            f"{t['worse']}.",
+            f"{t['worse']}."
+            + (
+                f" {t['no_ci']} cells have no CI (a task with fewer than {MIN_PER_TASK} samples)."
+                if t["no_ci"]
+                else ""
+            ),
         ]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) if parts else "no (variant, baseline) pair with shared samples in these results"
