@@ -330,7 +330,10 @@ def paper_report(
 # ------------------------------------------------------------------------------------------- plots
 def _accuracy_band(values: dict[tuple, float], n_boot: int, seed: int) -> tuple[float, float, float]:
     keys = sorted(values)
-    m, lo, hi = stratified_bootstrap_ci(_strata(keys, values), n_boot=n_boot, seed=seed)
+    strata = _strata(keys, values)
+    m, lo, hi = stratified_bootstrap_ci(strata, n_boot=n_boot, seed=seed)
+    if min(len(x) for x in strata) < MIN_PER_TASK:
+        lo = hi = math.nan  # no band (see MIN_PER_TASK)
     return 100 * m, 100 * lo, 100 * hi
 
 
@@ -400,7 +403,8 @@ def plot_paper(
                         ax.set_xlabel("compression ratio")
                     if j == 0:
                         ax.set_ylabel("accuracy (%)")
-                    ax.legend(fontsize=7, loc="lower left")
+                    if i == 0 and j == 0:
+                        ax.legend(fontsize=7, loc="upper right")
             what = names[0] if suffix else f"{len(names)} tasks"
             fig.suptitle(
                 f"attention (solid) vs {score} (dashed), length {length}, {what}; bands: 95% CI", fontsize=10
