@@ -287,8 +287,8 @@ def format_informative(rows: Rows, threshold: float) -> str:
     """Each task's full-cache accuracy and whether it is informative, per length (Markdown)."""
     full = full_accuracy(rows)
     inf = informative_tasks(rows, threshold)
-    lines = [f"full-cache accuracy per task (informative: >= {threshold:g}%)", ""]
-    lines += ["| length | task | full % | samples | informative |", "|---:|---|---:|---:|---|"]
+    lines = [f"full-cache accuracy per task (informative: >= {threshold:g}%); rows = samples x modes", ""]
+    lines += ["| length | task | full % | rows | informative |", "|---:|---|---:|---:|---|"]
     for length, tasks in inf.items():
         every = sorted(set(tasks) | set(full.get(length, {})))
         for t in every:
