@@ -100,6 +100,17 @@ def test_ragged_attention_matches_reference(T, pads):
     assert not layer.is_uniform()
 
 
+def _append_random(cache: KVCache, T: int, g: torch.Generator, dtype: torch.dtype) -> tuple:
+    """Append T random tokens (in `dtype`) to the one layer without attending; returns (q, reference)."""
+    layer = cache.layers[0]
+    old = segments(layer)
+    pos = cache.next_positions(T)
+    k, v = torch.randn(B, H, T, D, generator=g).to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype)
+    q = torch.randn(B, H * G, T, D, generator=g).to(dtype)
+    layer.append(k, v, pos)
+    return q, reference_attention(q, old, [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)])
+
+
 RAGGED = ([0, 1, 4, 6], [2, 5], [6], [0, 2, 3, 4, 5, 6], [1, 3], [5, 6])  # kept slots per (row, head)
 
 
@@ -118,12 +129,7 @@ def test_both_ragged_paths_match_reference(dtype, tol):
     )
     layer.keep([torch.tensor(s) for s in RAGGED])
     for T in (1, 1, 3, 1):
-        old = segments(layer)
-        pos = cache.next_positions(T)
-        k, v = torch.randn(B, H, T, D, generator=g).to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype)
-        q = torch.randn(B, H * G, T, D, generator=g).to(dtype)
-        layer.append(k, v, pos)
-        ref = reference_attention(q, old, [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)])
+        q, ref = _append_random(cache, T, g, dtype)
         paths = [attention._attend_segments] + ([attention._decode_segments] if T == 1 else [])
         for path in paths:
             out = path(layer, q, T) if path is attention._attend_segments else path(layer, q)
@@ -170,17 +176,12 @@ def test_bfloat16_attends_over_the_capacity_with_spare_slots_masked(layout, monk
     real = attention._decode_attention
     monkeypatch.setattr(attention, "_decode_attention", lambda *a: capped.append(len(a) == 4) or real(*a))
     for T in (1, 3, 1, 1):
-        old = segments(layer)
-        pos = cache.next_positions(T)
-        k, v = torch.randn(B, H, T, D, generator=g).to(dtype), torch.randn(B, H, T, D, generator=g).to(dtype)
-        q = torch.randn(B, H * G, T, D, generator=g).to(dtype)
-        layer.append(k, v, pos)
+        q, ref = _append_random(cache, T, g, dtype)
         assert all(c % kv_cache.CAP_ALIGN == 0 for c in layer.cap) and layer.is_uniform() == (
             layout == "uniform"
         )
         assert any(c > L for c, L in zip(layer.cap, layer.length, strict=True))  # spare slots exist
         out = attention.attend(layer, q, T)
-        ref = reference_attention(q, old, [(k[b, h], v[b, h], pos[b]) for b in range(B) for h in range(H)])
         torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
         for s, L, c in zip(layer.start, layer.length, layer.cap, strict=True):
             layer.k[s + L : s + c] = 1e4  # stale, large, finite
