@@ -846,3 +846,27 @@ def test_run_info_is_recorded_and_checked_on_resume(tmp_path):
     (out / results.RUN_FILE).write_text("[1]")
     with pytest.raises(results.ResultsError, match="not a JSON object"):
         results.check_run_info(out, info, resume=True)
+
+
+def test_cli_order_by_sample_interleaves_the_tasks(cli_eval):
+    """--order sample: sample 0 of every task, then sample 1, ...; the same rows as --order task."""
+    from obinfer.eval.samples import order_samples
+
+    run, out = cli_eval
+    assert run("--tasks", "niah_single_1,niah_single_2", "--order", "sample") == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["task"]) for r in rows if r["press"] == "full"] == [
+        (0, "niah_single_1"),
+        (0, "niah_single_2"),
+        (1, "niah_single_1"),
+        (1, "niah_single_2"),
+    ]
+    other = out.parent / "by_task"
+    assert run("--tasks", "niah_single_1,niah_single_2", "--out", str(other)) == 0
+    by_task = [json.loads(line) for line in (other / "results.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in by_task if r["press"] == "full"] == ["niah_single_1"] * 2 + [
+        "niah_single_2"
+    ] * 2
+    assert _keys(out / "results.jsonl") == _keys(other / "results.jsonl")
+    with pytest.raises(ValueError, match="unknown sample order"):
+        order_samples([], "random")

@@ -107,7 +107,7 @@ def _eval_ranks(args: argparse.Namespace, cfg: Any, out: Path, device: str, worl
     from obinfer.eval.protocol import count_tokens_fn
     from obinfer.eval.results import check_run_info
     from obinfer.eval.runner import run_eval
-    from obinfer.eval.samples import check_lengths, load_samples
+    from obinfer.eval.samples import check_lengths, load_samples, order_samples
 
     model, tok, model_dir = load(args.model, args.dtype, device, args.weights_dir, args.quantize)
     # too large for the model: before any sample is generated
@@ -118,9 +118,10 @@ def _eval_ranks(args: argparse.Namespace, cfg: Any, out: Path, device: str, worl
     count = count_tokens_fn(tok)
 
     def samples() -> list[dict]:
-        return load_samples(
+        rows = load_samples(
             out, tasks, lengths, args.samples, args.seed, count, args.noise_fallback, args.essays_dir
         )
+        return order_samples(rows, args.order)
 
     if world.is_main:
         check_run_info(out, info, args.resume)
@@ -208,6 +209,13 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--length", default="2048", help="max_seq_length in tokens; comma-separated for several")
     e.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     e.add_argument("--seed", type=int, default=42, help="sample generation seed (default 42)")
+    e.add_argument(
+        "--order",
+        choices=("task", "sample"),
+        default="task",
+        help="evaluate task by task (default), or sample index by sample index across the tasks (a run "
+        "stopped early then covers every task about equally)",
+    )
     e.add_argument(
         "--modes", default="agnostic", help="agnostic and/or aware, comma-separated (default agnostic)"
     )

@@ -56,6 +56,18 @@ def load_samples(
     ]
 
 
+ORDERS = ("task", "sample")
+
+
+def order_samples(rows: Sequence[dict[str, Any]], order: str) -> list[dict[str, Any]]:
+    """The run's samples in the order they are evaluated: "task" (as `load_samples` gives them: every
+    sample of a task, task after task) or "sample" (sample 0 of every task, then sample 1, ...: a run
+    stopped early covers every task about equally, and a longer --samples run extends it evenly)."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown sample order {order!r}; choose from {', '.join(ORDERS)}")
+    return list(rows) if order == "task" else sorted(rows, key=lambda r: int(r["index"]))  # stable
+
+
 def load_or_make_samples(
     out_dir: Path | str,
     task: str,
