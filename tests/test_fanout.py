@@ -124,6 +124,41 @@ def test_one_scoring_per_layer_for_every_ratio_budget_and_allocator(model, monke
     assert len(set(calls)) == 2
 
 
+def test_h2o_scores_of_sibling_presses_come_from_one_pass(model, monkeypatch):
+    """Presses that differ only in the score (h2o, h2o-obk, h2o-obv, adakv-h2o-obk) are scored in one
+    chunked pass per layer (`Policy.score_many`), and each cache and ranking equals the press's own
+    prefill bit for bit."""
+    calls: list[tuple[str, int]] = []
+    real_many, real_one = policies.H2O.score_many, policies.H2O.score
+
+    def many(self, q, q_pos, layer, fns, gqa):  # noqa: ANN001, ANN202
+        calls.append(("many", len(fns)))
+        return real_many(self, q, q_pos, layer, fns, gqa)
+
+    def one(self, *args):  # noqa: ANN001, ANN002, ANN202
+        calls.append(("one", 1))
+        return real_one(self, *args)
+
+    monkeypatch.setattr(policies.H2O, "score_many", many)
+    monkeypatch.setattr(policies.H2O, "score", one)
+    presses = [make_press("h2o", compression_ratio=0.5), make_press("h2o-obk", compression_ratio=0.5),
+               make_press("h2o-obv", compression_ratio=0.25), make_press("adakv-h2o-obk", compression_ratio=0.5)]  # fmt: skip
+    ids = tokens(N, seed=4)
+    fan = Fanout(model, ids, presses)
+    for press in presses:
+        got, scores = fan.compress(press, with_scores=True)
+        alone, alone_scores = Fanout(model, ids, [press]).compress(press, with_scores=True)
+        ref, _ = real_prefill(model, ids, press)
+        assert_same_cache(got, ref, press.name)
+        assert torch.equal(scores, alone_scores), press.name
+    L = model.cfg.n_layers
+    # the shared fanout scored every layer once, for its 3 scores, when it compressed the first press, and
+    # never again (its other presses hit the memos); the references (a fanout of one press, the press's
+    # own prefill) scored each press alone: 2 x 4 presses x L calls
+    assert calls[:L] == [("many", 3)] * L
+    assert calls.count(("many", 3)) == L and calls.count(("one", 1)) == 2 * len(presses) * L
+
+
 def test_only_the_queries_the_presses_read_are_recorded(model):
     ids = tokens(N, seed=2)
 

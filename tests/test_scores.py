@@ -261,6 +261,19 @@ def test_chunked_equals_unchunked(name, gqa):
 
 
 @pytest.mark.parametrize("gqa", ["sum", "pre"])
+def test_several_scores_from_one_chunked_pass_equal_one_pass_each(gqa):
+    """A list of scores shares each chunk's logits, attention and outputs: a tuple of totals, each equal
+    bit for bit to that score's own chunked pass (what lets H2O score sibling presses once)."""
+    inp = random_inputs(gqa, seed=5)
+    args = (inp.q, inp.q_pos, inp.k, inp.v, inp.k_pos, gqa)
+    for chunk in (1, 3, None):
+        many = score_queries_chunked(list(SCORE_NAMES), *args, chunk=chunk)
+        assert isinstance(many, tuple) and len(many) == len(SCORE_NAMES)
+        for name, got in zip(SCORE_NAMES, many, strict=True):
+            assert torch.equal(got, score_queries_chunked(name, *args, chunk=chunk)), (name, chunk)
+
+
+@pytest.mark.parametrize("gqa", ["sum", "pre"])
 def test_obkv_is_obv_plus_obk_plus_cross_term(gqa):
     inp = random_inputs(gqa, seed=2)
     tm = inp.terms

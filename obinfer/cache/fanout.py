@@ -64,6 +64,8 @@ class Fanout:
         if self.n == 0:
             raise ValueError("Fanout needs a non-empty prompt")
         self.model = model
+        presses = list(presses)
+        self.presses = presses
         self.n_queries = max([1, *(p.queries_needed(self.n) for p in presses)])
         self.q: dict[int, Tensor] = {}  # layer -> (1, Hq, n_queries, D)
         self.q_pos: dict[int, Tensor] = {}  # layer -> (1, n_queries)
@@ -131,6 +133,7 @@ class Fanout:
         run._bind(self.model)
         if run.memo is None and not press.is_full and not press.looks_ahead:
             run.memo = self._memo_for(press, run.policy)
+            run.shared_memos = self._siblings(press, run) if run.memo is not None else []
         cache = self.cache if in_place else self.cache.fork()
         self._consumed = in_place
         foreign = self._input_accs - set(() if press.is_full else run.policy.input_accumulators())
@@ -160,6 +163,26 @@ class Fanout:
             return self._memos.setdefault(key, {})
         except TypeError:  # a policy with unhashable options: score it every time
             return None
+
+    def _siblings(self, press: Press, run: PressRun) -> list[tuple[Any, dict[int, Tensor]]]:
+        """(score function, memo) of the other scores that this fanout's presses use with the same policy
+        and gqa as `press`: `PressRun` fills their memos from its own scoring pass (`Policy.score_many`)."""
+        if run.policy != press.policy or not press.policy.uses_score:
+            return []  # a policy bound to the model (TRIM-KV's gates) keeps its own scoring
+        out, seen = [], {press.score}
+        for p in self.presses:
+            if (
+                p.is_full
+                or p.looks_ahead
+                or p.score in seen
+                or (p.policy, p.gqa) != (press.policy, press.gqa)
+            ):
+                continue
+            seen.add(p.score)
+            memo = self._memo_for(p, run.policy)
+            if memo is not None:
+                out.append((p.score_fn, memo))
+        return out
 
     def _by_position(self, run: PressRun) -> Tensor:
         return scores_by_position(

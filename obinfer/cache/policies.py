@@ -29,6 +29,7 @@ Every option is type- and range-checked when the policy is made (`__post_init__`
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -126,6 +127,15 @@ class Policy:
         slots `-inf`.
         """
         raise NotImplementedError
+
+    def score_many(
+        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fns: Sequence[ScoreFn], gqa: str
+    ) -> list[Tensor]:
+        """`score` for several score functions, equal to one `score` call each, bit for bit. The default
+        makes those calls; a policy whose scoring pass is costly (H2O: every prompt query against every
+        key) shares it between the scores (`Fanout` asks for the scores of all its presses that differ
+        only in the score)."""
+        return [self.score(q, q_pos, layer, fn, gqa) for fn in score_fns]
 
     def update_state(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> None:
         """Fold scores (B, Hkv, S) from `score` or `decode_scores` into per-slot state in the layer.
@@ -416,6 +426,15 @@ class H2O(Policy):
             score_fn, q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True, outputs=out
         )
         return _invalid(s.masked_fill(pos < 0, 0.0), pos), out
+
+    def score_many(self, q, q_pos, layer, score_fns, gqa):  # noqa: ANN001
+        """One chunked pass over every prompt query for all the scores (their logits, attention and
+        outputs computed once per chunk)."""
+        k, v, pos = layer.dense()
+        sums = score_queries_chunked(
+            list(score_fns), q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True
+        )
+        return [_invalid(s.masked_fill(pos < 0, 0.0), pos) for s in sums]
 
     def _sums(self, q, q_pos, k, v, pos, score_fn, gqa) -> Tensor:  # noqa: ANN001
         """The score summed over the new queries q (the last slots), chunk by chunk; 0 on invalid slots."""

@@ -392,6 +392,9 @@ class PressRun:
         model: Any = None,
     ) -> None:
         self.press, self.stats, self.memo = press, stats, memo
+        # (score function, memo) of other presses of the same prefill that differ from this one only in
+        # the score (set by `Fanout`): scored together with this one (`Policy.score_many`)
+        self.shared_memos: list[tuple[ScoreFn, dict[int, Tensor]]] = []
         self.scoring_s, self.compact_s, self.bytes_before, self.lookahead_s = 0.0, 0.0, 0, 0.0
         self.observed_queries: int | None = None
         self.head_budgets: dict[int, list[int]] = {}
@@ -484,6 +487,12 @@ class PressRun:
             elif attend and out is None:
                 raw, out = pol.score_and_attend(q, q_pos, layer, press.score_fn, press.gqa)
                 out = out.to(q.dtype)
+            elif (shared := [(f, m) for f, m in self.shared_memos if idx not in m]) and not continued:
+                raw, *others = pol.score_many(
+                    q, q_pos, layer, [press.score_fn, *(f for f, _ in shared)], press.gqa
+                )
+                for (_, m), other in zip(shared, others, strict=True):
+                    m[idx] = other
             else:
                 raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa)
             if self.memo is not None and not (continued or lookahead):

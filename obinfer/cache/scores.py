@@ -33,7 +33,7 @@ that takes a score. A name must not contain "-" (the press-name separator).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
@@ -375,7 +375,7 @@ def _chunk_end(s: int, W: int, n: int, Hq: int, chunk: int | None) -> int:
 
 
 def score_queries_chunked(
-    score_fn: ScoreFn | str,
+    score_fn: ScoreFn | str | Sequence[ScoreFn | str],
     q: Tensor,
     q_pos: Tensor,
     k: Tensor,
@@ -391,7 +391,9 @@ def score_queries_chunked(
     Exact, because every score is a sum over queries (e.g. H2O: all n prefill queries at once).
 
     Args:
-        score_fn: a score function or a registered score name.
+        score_fn: a score function or a registered score name; or a list or tuple of them, all summed
+            from the same chunks (each chunk's logits, attention and outputs are computed once and shared:
+            the same numbers as one call per score, bit for bit), and a tuple of totals is returned.
         q: (B, Hq, W, D) queries; q_pos: (B, W); k, v: (B, Hkv, n, D); k_pos: (B, Hkv, n).
         gqa: "sum" or "pre".
         chunk: queries per chunk (>= 1); None (default): as many as keep Hq x chunk x n within
@@ -406,24 +408,26 @@ def score_queries_chunked(
     Returns:
         (B, Hkv, n) float32 scores, -inf on invalid slots.
     """
-    fn = get_score(score_fn) if isinstance(score_fn, str) else score_fn
+    many = isinstance(score_fn, list | tuple)
+    fns = [get_score(f) if isinstance(f, str) else f for f in (score_fn if many else [score_fn])]
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     k, v = k.float(), v.float()
     n, W = k.shape[2], q.shape[2]
     invalid = k_pos < 0
-    total = torch.zeros(k_pos.shape, dtype=torch.float32, device=k.device)
+    totals = [torch.zeros(k_pos.shape, dtype=torch.float32, device=k.device) for _ in fns]
     s = 0
     while s < W:
         e = _chunk_end(s, W, n, q.shape[1], chunk)
         end = n - W + e if causal_prefix else n
         inp = ScoreInputs(q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], k_pos[:, :, :end], gqa)
-        part = fn(inp)
-        total[..., :end] += part.masked_fill(invalid[..., :end], 0.0)
+        for fn, total in zip(fns, totals, strict=True):
+            total[..., :end] += fn(inp).masked_fill(invalid[..., :end], 0.0)
         if outputs is not None:  # the score's own A and outputs when it used them (cached), else computed
             outputs[:, :, s:e] = inp.O
         s = e
-    return total.masked_fill(invalid, float("-inf"))
+    out = tuple(total.masked_fill(invalid, float("-inf")) for total in totals)
+    return out if many else out[0]
 
 
 def pool_scores(scores: Tensor, kernel: int, kind: str = "avg") -> Tensor:
