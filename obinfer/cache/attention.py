@@ -46,6 +46,11 @@ Three paths, picked from the layout; they compute the same function:
         the time of `_decode_segments`. A question block (T = 32) through `_attend_segments` costs what
         the uniform path costs (benchmarks/bench_ragged.py).
 
+bfloat16 / float16 on CPU (`_stable_shapes`): the decode paths and the ragged block path
+(`_block_segments`) multiply over each segment's capacity instead of its length, the spare slots
+masked, because oneDNN builds a kernel for every new matmul shape and a growing cache makes a new shape
+at every step.
+
 Numerics: softmax over logits q.k / sqrt(D) in the SDPA kernels' precision; `_decode_attention` and
 `_decode_segments` take the softmax in float32 whatever the cache dtype. Slots outside a segment (other
 segments, spare capacity) are never read.
