@@ -870,3 +870,32 @@ def test_cli_order_by_sample_interleaves_the_tasks(cli_eval):
     assert _keys(out / "results.jsonl") == _keys(other / "results.jsonl")
     with pytest.raises(ValueError, match="unknown sample order"):
         order_samples([], "random")
+
+
+def test_cli_press_options_reach_every_press_and_pin_the_run(cli_eval, capsys):
+    """--press-opt goes to every press but full (here StreamingLLM's sink count), is recorded in
+    run.json, and a --resume with other options is refused; an option no press takes is one line naming
+    it, before anything runs."""
+    from obinfer.eval.runner import Combo, EvalConfig
+
+    cfg = EvalConfig(["full", "streamingllm"], [0.5], press_opts={"sinks": 8}, budgets=[32])
+    assert {str(c): cfg.press(c).policy.sinks for c in cfg.combos if c.press != "full"} == {
+        str(Combo("streamingllm", 0.5)): 8,
+        str(Combo("streamingllm", 0.0, 32)): 8,
+    }
+    assert cfg.press(Combo("full", 0.0)).is_full
+    run, out = cli_eval
+    assert run("--press-opt", "sinks=8") == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["press_opts"] == {"sinks": 8}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["press"] for r in rows} == {"full", "streamingllm"}
+    assert run("--press-opt", "sinks=4", "--resume") == 2
+    _one_line_error(capsys, "press_opts", "sinks")
+    assert run("--press-opt", "sinks=8", "--resume") == 0
+    other = out.parent / "other"
+    assert run("--press-opt", "nope=1", "--out", str(other)) == 2
+    _one_line_error(capsys, "nope")
+    assert not (other / "results.jsonl").exists()
+    assert run("--press-opt", "novalue", "--out", str(other)) == 2
+    _one_line_error(capsys, "KEY=VALUE")

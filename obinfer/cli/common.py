@@ -103,15 +103,21 @@ def build_press(args: argparse.Namespace):  # noqa: ANN201
     if args.press != "none" and not PressName.parse(args.press).is_full:  # unknown names fail here
         if args.compression_ratio is None and args.cache_budget is None:
             raise UserError(f"--press {args.press} needs --compression-ratio R or --cache-budget N")
-    opts = {}
-    for kv in args.press_opt:
-        key, sep, val = kv.partition("=")
-        if not sep:
-            raise UserError(f"--press-opt expects KEY=VALUE, got {kv!r}")
-        opts[key] = parse_value(val)
+    opts = press_options(args.press_opt)
     return make_press(
         args.press, compression_ratio=args.compression_ratio, budget=args.cache_budget, gqa=args.gqa, **opts
     )
+
+
+def press_options(items: list[str]) -> dict[str, object]:
+    """The values of --press-opt KEY=VALUE (repeatable) as a dict (`parse_value` for each value)."""
+    opts = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep or not key:
+            raise UserError(f"--press-opt expects KEY=VALUE, got {kv!r}")
+        opts[key] = parse_value(val)
+    return opts
 
 
 def parse_value(val: str) -> object:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from obinfer.cli.common import add_model_args, dtype_label, load
+from obinfer.cli.common import add_model_args, dtype_label, load, press_options
 from obinfer.errors import UserError
 
 DEFAULT_PRESSES = "full,snapkv,snapkv-obk"
@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         ratios = [] if budgets else _floats(DEFAULT_RATIOS, "ratios")
     cfg = EvalConfig(
         presses, ratios, modes, args.chat, args.max_new_tokens, args.reprefill, batch=args.batch,
-        prefill_chunk=args.prefill_chunk, budgets=budgets,
+        prefill_chunk=args.prefill_chunk, budgets=budgets, press_opts=press_options(args.press_opt),
     )  # fmt: skip
     out = Path(args.out)
     check_out_dir(out, args.resume)  # a file, or results there without --resume, or a damaged file
@@ -115,6 +115,8 @@ def _eval_ranks(args: argparse.Namespace, cfg: Any, out: Path, device: str, worl
     cfg.model_name = Path(model_dir).name
     chat = tok.has_chat_template if args.chat is None else args.chat
     info = {"model": cfg.model_name, "dtype": dtype_label(args), "seed": args.seed, "chat": chat}
+    if cfg.press_opts:  # recorded only when given, so runs made before --press-opt resume as they were
+        info["press_opts"] = cfg.press_opts
     count = count_tokens_fn(tok)
 
     def samples() -> list[dict]:
@@ -209,6 +211,14 @@ def _add_eval(sub: Any) -> None:
     e.add_argument("--length", default="2048", help="max_seq_length in tokens; comma-separated for several")
     e.add_argument("--samples", type=int, default=10, help="samples per task and length (default 10)")
     e.add_argument("--seed", type=int, default=42, help="sample generation seed (default 42)")
+    e.add_argument(
+        "--press-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for every press but full, e.g. window=16 (snapkv) or gates=my.safetensors "
+        "(trimkv); repeatable; recorded in OUT/run.json (a --resume with other options is refused)",
+    )
     e.add_argument(
         "--order",
         choices=("task", "sample"),

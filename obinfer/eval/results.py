@@ -37,7 +37,7 @@ ARCHIVE_FILE = (
     "results.jsonl.gz"  # a finished or paused run, compressed for the repository (gzip of RESULTS_FILE)
 )
 RUN_FILE = "run.json"  # what a results directory was produced with (checked on --resume)
-RUN_KEYS = ("model", "dtype", "seed", "chat")  # run.json entries that must match to resume
+RUN_KEYS = ("model", "dtype", "seed", "chat", "press_opts")  # run.json entries that must match to resume
 RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
 SHARD_DIR = "shards"  # <out>/shards/rank00001-of-00004.jsonl: one results file per rank of a torchrun job
 SHARD_GLOB = "rank*-of-*.jsonl"
@@ -410,7 +410,7 @@ def read_run_info(path: Path) -> dict[str, Any]:
 
 def check_run_info(out_dir: Path | str, info: dict[str, Any], resume: bool) -> None:
     """Record `info` in ``<out_dir>/run.json``; resuming, first refuse a run whose ``RUN_KEYS`` differ
-    (another model, dtype, seed or chat setting)."""
+    (another model, dtype, seed, chat setting or press options)."""
     out_dir = Path(out_dir)
     path = out_dir / RUN_FILE
     if resume and path.exists():

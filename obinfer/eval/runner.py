@@ -45,7 +45,7 @@ import torch
 
 from obinfer.cache.fanout import Fanout
 from obinfer.cache.kv_cache import KVCache
-from obinfer.cache.presses import FULL_NAME, PressName, make_press
+from obinfer.cache.presses import FULL_NAME, Press, PressName, make_press
 from obinfer.eval import EvalError
 from obinfer.eval import distributed as dist
 from obinfer.eval.metrics import score_row
@@ -79,6 +79,15 @@ class Combo:
     budget: int = 0
 
 
+def combo_press(combo: Combo, options: dict[str, Any] | None = None) -> Press:
+    """The press of a combo: its ratio, or its budget; `options` (policy, allocator, layer budget or query
+    source options, as `make_press` takes them) go to every press but the full cache."""
+    opts = {} if combo.press == FULL_NAME else dict(options or {})
+    if combo.budget:
+        return make_press(combo.press, budget=combo.budget, **opts)
+    return make_press(combo.press, compression_ratio=combo.ratio, **opts)  # "full": FULL
+
+
 @dataclass
 class EvalConfig:
     """What to run for every sample.
@@ -99,6 +108,9 @@ class EvalConfig:
         prefill_chunk: block-wise prefill with this many tokens per block (every press prefills on its
             own, compressing after each block: `PressRun.prefill`); None: one-shot.
         model_name: recorded in every result row.
+        press_opts: options for every press but the full cache (``obinfer eval --press-opt``), e.g.
+            {"window": 16} or {"gates": "my-gates.safetensors"}; a press that does not take one is a
+            PressError before anything runs.
     """
 
     presses: Sequence[str]
@@ -111,6 +123,7 @@ class EvalConfig:
     batch: int = 8
     prefill_chunk: int | None = None
     budgets: Sequence[int] = ()
+    press_opts: dict[str, Any] = field(default_factory=dict)
     combos: list[Combo] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,8 +148,11 @@ class EvalConfig:
             raise EvalError(f"prefill_chunk must be an integer >= 1 (tokens per block), got {c!r}")
         self.combos = press_grid(self.presses, self.ratios, self.budgets)
         for c in self.combos:
-            if c.budget:
-                make_press(c.press, budget=c.budget)  # PressError now, not after hours of other rows
+            self.press(c)  # PressError now (a bad budget or option), not after hours of other rows
+
+    def press(self, combo: Combo) -> Press:
+        """The press of one of the combos, with `press_opts`."""
+        return combo_press(combo, self.press_opts)
 
 
 def press_grid(presses: Sequence[str], ratios: Sequence[float], budgets: Sequence[int] = ()) -> list[Combo]:
@@ -239,11 +255,13 @@ def run_sample(
     by_budget = [c for c in combos if c.budget]
     by_ratio = [c for c in combos if not c.budget]
     if cfg.reprefill or cfg.prefill_chunk is not None:  # chunked: each press's own block-wise prefill
-        ratio_results = _reprefilled(model, tok, ctx, q, max_new, by_ratio, cfg.prefill_chunk)
+        ratio_results = _reprefilled(model, tok, ctx, q, max_new, by_ratio, cfg.prefill_chunk, cfg.press)
     else:
-        ratio_results = _shared(model, tok, ctx, q, max_new, by_ratio, cfg.batch) if by_ratio else iter(())
+        ratio_results = (
+            _shared(model, tok, ctx, q, max_new, by_ratio, cfg.batch, cfg.press) if by_ratio else iter(())
+        )
     results = itertools.chain(
-        _budgeted(model, tok, ctx, q, max_new, by_budget, cfg.prefill_chunk), ratio_results
+        _budgeted(model, tok, ctx, q, max_new, by_budget, cfg.prefill_chunk, cfg.press), ratio_results
     )
     for combo, res in results:
         out = _base_row(row, mode, combo, cfg)
@@ -260,10 +278,11 @@ def _shared(
     max_new: int,
     combos: Sequence[Combo],
     batch: int = 1,
+    make: Callable[[Combo], Press] = combo_press,
 ) -> Iterator[tuple[Combo, dict[str, Any]]]:
     """One prefill; each press compresses a fork of it (the last one, usually full, the prefill itself);
     the compressed caches are decoded `batch` at a time as one batch of rows."""
-    presses = [make_press(c.press, compression_ratio=c.ratio) for c in combos]  # "full": FULL
+    presses = [make(c) for c in combos]
     fan = Fanout(model, ctx, presses)
     prefill_s, full_bytes, full_tokens = fan.prefill_s, fan.cache.nbytes(), fan.cache.n_tokens()
     for start in range(0, len(combos), batch):
@@ -292,11 +311,12 @@ def _reprefilled(
     max_new: int,
     combos: Sequence[Combo],
     chunk: int | None = None,
+    make: Callable[[Combo], Press] = combo_press,
 ) -> Iterator[tuple[Combo, dict[str, Any]]]:
     """The naive loop: a fresh prefill per press, compressing inside it (the press's prefill observer)."""
     ids = torch.tensor([ctx], device=model.device)
     for combo in combos:
-        run = make_press(combo.press, compression_ratio=combo.ratio).start(model=model)
+        run = make(combo).start(model=model)
         t0 = time.perf_counter()
         cache = model.new_cache(1)
         with torch.inference_mode():
@@ -319,6 +339,7 @@ def _budgeted(
     max_new: int,
     combos: Sequence[Combo],
     chunk: int | None = None,
+    make: Callable[[Combo], Press] = combo_press,
 ) -> Iterator[tuple[Combo, dict[str, Any]]]:
     """Each budget combo exactly as ``obinfer generate --cache-budget M`` runs it: `stream` with
     ``make_press(name, budget=M)``, its own prefill (block-wise with a chunk), `q` fed after it.
@@ -329,7 +350,7 @@ def _budgeted(
     """
     stops = set(tok.stop_ids)
     for combo in combos:
-        press = make_press(combo.press, budget=combo.budget)
+        press = make(combo)
         cache = model.new_cache(1)
         stats = GenStats()
         t0 = time.perf_counter()
