@@ -166,10 +166,11 @@ def test_cli_report_paper_options(tmp_path, capsys):
         assert len(err) == 1 and "--informative" in err[0]
 
 
-def test_a_task_with_one_sample_gets_no_ci():
-    """Resampling within a task of one sample has no spread: such a cell shows no CI, is never bold and
-    never counts as significant."""
-    rows = [r for r in _rows() if r["task"] == "niah_single_1" or r["index"] == 0]
+@pytest.mark.parametrize("few", [1, paper.MIN_PER_TASK - 1])
+def test_a_task_with_too_few_samples_gets_no_ci(few):
+    """Resampling within a task of one or a few samples has (almost) no spread: such a cell shows no CI,
+    is never bold and never counts as significant."""
+    rows = [r for r in _rows() if r["task"] == "niah_single_1" or r["index"] < few]
     cells = paper.paper_cells(rows, {4096: ["niah_single_1", "niah_multikey_1"]}, n_boot=200)
     assert cells and all(c.verdict.startswith("no CI") for c in cells)
     t = paper.tally(cells)

@@ -11,8 +11,9 @@ paired CI for every cell.
 * **Paper table** (`paper_cells`, `format_paper_table`): rows each family and its variant, columns
   mode x ratio, cells the accuracy (mean over tasks of the task's mean score, x100) on the samples both
   presses answered, and a row of the difference with its 95% CI from a bootstrap that resamples samples
-  within each task, keeping the pairing (`metrics.stratified_bootstrap_ci`). `tally` counts the cells
-  where the variant is at least as good, and where the CI excludes 0.
+  within each task, keeping the pairing (`metrics.stratified_bootstrap_ci`); no CI while some task has
+  fewer than `MIN_PER_TASK` shared samples. `tally` counts the cells where the variant is at least as
+  good, and where the CI excludes 0.
 * **Ablation** (`ablation_cells`): every score of a family (attn, obv, obk, obkv, caote) pooled over
   the ratios (a sample's mean over them), with the difference to attn.
 * **Plots**: accuracy against ratio per family, baseline solid and variant dashed with CI bands, full
@@ -36,7 +37,9 @@ from obinfer.eval.results import Rows, output_dir, press_name, row_budget
 PAPER_FAMILIES = ("h2o", "tova", "snapkv", "adakv-snapkv")  # the paper's four methods, in its order
 ABLATION_SCORES = ("attn", "obv", "obk", "obkv", "caote")
 INFORMATIVE = 80.0  # full-cache accuracy (%) at or above which a task is informative
-MIN_PER_TASK = 2  # fewer shared samples in some task: no CI (resampling within a task of 1 has no spread)
+# fewer shared samples than this in some task: no CI. Resampling within a task of 1 sample has no spread,
+# and with 2-4 the percentile bootstrap shows near-certainty whenever those few samples agree.
+MIN_PER_TASK = 5
 
 
 def variant_name(family: str, score: str) -> str:
