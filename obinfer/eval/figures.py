@@ -13,6 +13,11 @@ PLOTS_WHAT = "for the plots (use --plots-dir)"  # completes "PATH is a file, not
 DEPTH_BINS = 10  # needle depth bins of 10 percentage points
 
 
+def depth_bin(row: dict[str, Any]) -> int:
+    """The needle-depth bin (0 .. DEPTH_BINS - 1) of a single-needle row."""
+    return min(int(float(row["depth"][0]) // (100 / DEPTH_BINS)), DEPTH_BINS - 1)
+
+
 def new_figure(w: float, h: float, layout: str | None = None):  # noqa: ANN202
     """A matplotlib Figure on an Agg canvas (no pyplot, no global backend state)."""
     require("matplotlib", what="plots")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obinfer.cache.presses import FULL_NAME
-from obinfer.eval.figures import DEPTH_BINS, PLOTS_WHAT, new_figure, save_png
+from obinfer.eval.figures import DEPTH_BINS, PLOTS_WHAT, depth_bin, new_figure, save_png
 from obinfer.eval.metrics import stratified_bootstrap_ci
 from obinfer.eval.results import Rows, output_dir, press_name, row_budget
 
@@ -459,8 +459,7 @@ def plot_depth_ratio(rows: Rows, out_dir: Path | str, presses: Sequence[str] | N
             acc: dict[tuple[int, float], list[float]] = defaultdict(list)
             for r in at:
                 if r["press"] == name and r["mode"] == mode:
-                    b = min(int(float(r["depth"][0]) // (100 / DEPTH_BINS)), DEPTH_BINS - 1)
-                    acc[(b, round(float(r["ratio"]), 6))].append(float(r["score"]))
+                    acc[(depth_bin(r), round(float(r["ratio"]), 6))].append(float(r["score"]))
             m = np.array([[100 * sum(v) / len(v) if (v := acc.get((b, x))) else math.nan for x in ratios]
                           for b in range(DEPTH_BINS)])  # fmt: skip
             ax = axes[k]

@@ -35,7 +35,7 @@ from obinfer.cache.allocators import DEFAULT_ALLOCATOR
 from obinfer.cache.policies import PressError
 from obinfer.cache.presses import FULL_NAME
 from obinfer.eval import EvalError
-from obinfer.eval.figures import DEPTH_BINS, PLOTS_WHAT, new_figure, save_png
+from obinfer.eval.figures import DEPTH_BINS, PLOTS_WHAT, depth_bin, new_figure, save_png
 from obinfer.eval.results import (
     ResultsError,
     ResultsMissing,
@@ -379,8 +379,7 @@ def depth_matrix(rows: Rows, lengths: Sequence[int]) -> list[list[float]]:
     """Mean score x100 per (depth bin, length); NaN where no sample. Rows: bins of 10 points of depth."""
     acc: dict[tuple[int, int], list[float]] = defaultdict(list)
     for r in rows:
-        b = min(int(float(r["depth"][0]) // (100 / DEPTH_BINS)), DEPTH_BINS - 1)
-        acc[(b, int(r["length"]))].append(float(r["score"]))
+        acc[(depth_bin(r), int(r["length"]))].append(float(r["score"]))
     return [
         [100 * sum(v) / len(v) if (v := acc.get((b, L))) else math.nan for L in lengths]
         for b in range(DEPTH_BINS)
