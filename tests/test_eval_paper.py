@@ -177,3 +177,55 @@ def test_a_task_with_too_few_samples_gets_no_ci(few):
     assert t["no_ci"] == t["cells"] == 8 and t["better"] == t["worse"] == 0
     text = paper.format_paper_table(cells)
     assert "[no CI]" in text and "**" not in text and "8 cells have no CI" in text
+
+
+def _write_run(d, rows, **run):
+    d.mkdir()
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = {"model": "m", "dtype": "float32", "seed": 42, "chat": True, "press_opts": {}} | run
+    (d / "run.json").write_text(json.dumps(info))
+    return d
+
+
+def test_report_of_two_runs_is_the_report_of_their_rows_together(tmp_path, capsys):
+    """A grid and its ablation as two directories (obinfer report GRID ABLATION): the same text as one
+    file of all their rows; a row both hold with the same answer counts once."""
+    from obinfer.cli import main
+
+    rows = [r | {"pred": "x"} for r in _rows()]
+    ablation = {"snapkv-obv"}
+    grid = _write_run(tmp_path / "grid", [r for r in rows if r["press"] not in ablation])
+    abl = _write_run(tmp_path / "abl", [r for r in rows if r["press"] in ablation or r["press"] == "full"])
+    one = _write_run(tmp_path / "one", rows)
+    merged, _ = make_report([grid, abl], paper=True, plots=False, n_boot=100)
+    alone, _ = make_report(one, paper=True, plots=False, n_boot=100)
+    assert merged == alone and "obv" in merged
+    just_grid, _ = make_report(grid, paper=True, plots=False, n_boot=100)
+    assert "obv" not in just_grid.split("Ablation of the score")[1]
+    assert main(["report", str(grid), str(abl), "--paper", "--no-plots", "--bootstrap", "100"]) == 0
+    assert capsys.readouterr().out.strip() == alone.strip()
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"seed": 7}, "seed 42 vs 7"),
+        ({"dtype": "bfloat16"}, "dtype float32 vs bfloat16"),
+        ("pred", "answer niah_single_1 #0 (4096 tokens, full, ratio 0, agnostic) differently"),
+        ("model", "hold rows of different models (m vs other)"),
+    ],
+)
+def test_runs_that_cannot_be_read_as_one_are_refused(tmp_path, capsys, change, needle):
+    from obinfer.cli import main
+
+    rows = [r | {"pred": "x", "model": "m"} for r in _rows()]
+    a = _write_run(tmp_path / "a", rows[: len(rows) // 2])
+    b_rows = rows[len(rows) // 2 :]
+    if change == "pred":
+        b_rows = b_rows + [rows[0] | {"pred": "y"}]
+    if change == "model":
+        b_rows = [r | {"model": "other"} for r in b_rows]
+    b = _write_run(tmp_path / "b", b_rows, **(change if isinstance(change, dict) else {}))
+    assert main(["report", str(a), str(b), "--no-plots"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and str(a) in err[0] and str(b) in err[0]

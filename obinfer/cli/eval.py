@@ -6,6 +6,7 @@
     obinfer eval ... --out results/ --resume          # continue an interrupted run
     obinfer report results/ --per-task                # tables, comparisons, PNGs in results/plots
     obinfer report budgets/ --compare trimkv=h2o,tova,snapkv   # also these paired comparisons
+    obinfer report grid/ ablation/ --paper            # two runs on the same samples, read as one
     torchrun --nproc-per-node 4 -m obinfer eval ... --device cuda --out results/   # 4 GPUs, one shard each
 """
 
@@ -282,7 +283,12 @@ def add_commands(sub: Any) -> None:
     """Register eval, report and fetch-essays on the main parser's subparsers."""
     _add_eval(sub)
     r = sub.add_parser("report", help="tables, OBCache-vs-baseline comparisons and plots of an eval run")
-    r.add_argument("results", help="results directory (or its results.jsonl)")
+    r.add_argument(
+        "results",
+        nargs="+",
+        help="results directory (or its results.jsonl); several are read as one run (the same model, "
+        "dtype, seed and settings), e.g. a grid and its ablation on the same samples",
+    )
     r.add_argument("--per-task", action="store_true", help="also one table per task")
     r.add_argument("--plots-dir", help="where to write the PNGs (default RESULTS/plots)")
     r.add_argument("--no-plots", action="store_true", help="tables only")

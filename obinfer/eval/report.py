@@ -43,7 +43,7 @@ from obinfer.eval.results import (
     output_dir,
     press_name,
     row_budget,
-    scan_results_dir,
+    scan_runs,
 )
 
 logger = logging.getLogger(__name__)
@@ -467,7 +467,7 @@ def _press_heatmaps(
 
 # ------------------------------------------------------------------------------------------ driver
 def make_report(
-    results: Path | str,
+    results: Path | str | Sequence[Path | str],
     per_task: bool = False,
     plots_dir: Path | str | None = None,
     plots: bool = True,
@@ -481,6 +481,8 @@ def make_report(
 ) -> tuple[str, list[Path]]:
     """The report text (tables + comparisons) and the PNGs written (default ``<results>/plots``).
 
+    `results`: a results directory or file, or several read as one run (`results.scan_runs`: the same
+    model, dtype, seed and settings; e.g. a grid and its ablation on the same samples).
     Unusable lines of the results file are skipped with one message to `warn` (default: a logged
     warning) naming the file and the first few line numbers; ``strict=True`` raises ResultsError instead.
     A results directory's unmerged shards (a torchrun job still running, or one that died) are read too.
@@ -497,7 +499,7 @@ def make_report(
     if seed < 0:
         raise ReportError(f"the bootstrap seed must be >= 0, got {seed}")
     pairs = check_pairs(pairs)
-    scan = scan_results_dir(results)
+    scan = scan_runs([results] if isinstance(results, (str, Path)) else list(results))
     if scan.bad and strict:
         raise ResultsError(scan.bad_lines_error())
     if scan.bad and not scan.rows:

@@ -256,6 +256,69 @@ def scan_results_dir(path: Path | str) -> ResultsScan:
     return ResultsScan(main, rows, bad, 0, b"")
 
 
+def scan_runs(paths: Sequence[Path | str]) -> ResultsScan:
+    """Several results directories (or files) read as one run, e.g. a grid and its ablation run on the
+    same samples (``obinfer report GRID ABLATION``): each :func:`scan_results_dir`, then their rows, each
+    :func:`result_key` once.
+
+    Raises ResultsError if two of them were made with different ``RUN_KEYS`` settings (another model,
+    dtype, seed, chat setting or press options: their sample i or their numerics differ, so pairing
+    them would compare unlike things), hold rows of different models, or answer the same result key
+    differently. The scan's path is the first one's.
+    """
+    if not paths:
+        raise ResultsError("no results directory given")
+    scans = [scan_results_dir(p) for p in paths]
+    if len(scans) == 1:
+        return scans[0]
+    _check_same_run(paths, scans)
+    rows: Rows = []
+    seen: dict[tuple, tuple[Path, dict[str, Any]]] = {}
+    for scan in scans:
+        for row in scan.rows:
+            key = result_key(row)
+            if key not in seen:
+                seen[key] = (scan.path, row)
+                rows.append(row)
+            elif _answer(seen[key][1]) != _answer(row):
+                task, length, index, press, ratio, mode, budget = key
+                what = f"budget {budget}" if budget else f"ratio {ratio:g}"
+                raise ResultsError(
+                    f"{seen[key][0]} and {scan.path} answer {task} #{index} ({length} tokens, {press}, {what}, "
+                    f"{mode}) differently: report them separately"
+                )
+    bad = [BadLine(b.line, b.offset, b.reason, b.path or scan.path) for scan in scans for b in scan.bad]
+    return ResultsScan(scans[0].path, rows, bad, 0, b"")
+
+
+def _answer(row: dict[str, Any]) -> tuple[Any, float]:
+    return row.get("pred"), float(row["score"])
+
+
+def _check_same_run(paths: Sequence[Path | str], scans: Sequence[ResultsScan]) -> None:
+    """`scan_runs`'s refusal of runs that cannot be read as one."""
+    infos = [
+        (Path(p), read_run_info(Path(p) / RUN_FILE))
+        for p in paths
+        if Path(p).is_dir() and (Path(p) / RUN_FILE).is_file()
+    ]
+    for p, info in infos[1:]:
+        p0, info0 = infos[0]
+        diff = [k for k in RUN_KEYS if info0.get(k) != info.get(k)]
+        if diff:
+            what = ", ".join(f"{k} {info0.get(k)} vs {info.get(k)}" for k in diff)
+            raise ResultsError(
+                f"{p0} and {p} were made with different settings ({what}): report them separately"
+            )
+    models = [({str(r.get("model")) for r in scan.rows}, scan.path) for scan in scans]
+    for names, path in models[1:]:
+        if names and models[0][0] and names != models[0][0]:
+            raise ResultsError(
+                f"{models[0][1]} and {path} hold rows of different models "
+                f"({', '.join(sorted(models[0][0]))} vs {', '.join(sorted(names))}): report them separately"
+            )
+
+
 def read_results(path: Path | str, with_errors: bool = False, strict: bool = False) -> Any:
     """Rows of a results JSONL file (or directory); unusable lines are skipped (see :func:`scan_results`).
 
