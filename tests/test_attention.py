@@ -137,6 +137,52 @@ def test_both_ragged_paths_match_reference(dtype, tol):
             torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_ragged_decode_multiplies_runs_of_alike_segments_at_once(dtype, tol):
+    """Caches compressed to the same size and stacked (`KVCache.cat_rows`, as the evaluation decodes
+    them) make runs of neighbouring segments with one span and capacity; `_decode_segments` multiplies
+    each run as one batch: still the reference, in both dtypes."""
+    g = torch.Generator().manual_seed(33)
+    kept = (
+        [[0, 2, 4, 6]] * H,
+        [[1, 3, 5, 6]] * H,
+        [[0, 1, 2], [3], [0, 1, 2, 3, 4, 5]],
+        [[0, 6]] * H,
+        [[2, 4]] * H,
+    )
+    parts = []
+    for slots in kept:
+        c = KVCache.empty(1, 1, H, D, dtype=dtype)
+        rand = lambda: torch.randn(1, H, 7, D, generator=g).to(dtype)  # noqa: E731
+        c.layers[0].append(rand(), rand(), c.next_positions(7))
+        c.layers[0].keep([torch.tensor(s) for s in slots])
+        parts.append(c)
+    cache = KVCache.cat_rows(parts)
+    layer, n_rows = cache.layers[0], len(kept)
+    for _ in range(3):
+        old = segments(layer)
+        pos = cache.next_positions(1)
+        k, v = (torch.randn(n_rows, H, 1, D, generator=g).to(dtype) for _ in range(2))
+        q = torch.randn(n_rows, H * G, 1, D, generator=g).to(dtype)
+        layer.append(k, v, pos)
+        spans = layer.cap if attention._stable_shapes(layer.k) else layer.length
+        runs = attention._runs(layer.start, layer.cap, spans)
+        if dtype == torch.float32:  # rows 0-1 and 3-4 (equal lengths, exact capacities): a batch each
+            assert runs == [
+                (0, 2 * H),
+                (2 * H, 2 * H + 1),
+                (2 * H + 1, 2 * H + 2),
+                (2 * H + 2, 3 * H),
+                (3 * H, 5 * H),
+            ]
+        else:  # bfloat16 on CPU: every capacity is rounded up to CAP_ALIGN slots: one batch, spans masked
+            assert runs == [(0, 5 * H)] and layer.cap == [kv_cache.CAP_ALIGN] * 5 * H
+        new = [(k[b, h], v[b, h], pos[b]) for b in range(n_rows) for h in range(H)]
+        out = attention._decode_segments(layer, q)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), reference_attention(q, old, new), atol=tol, rtol=tol)
+
+
 def test_ragged_decode_reads_only_its_segments():
     """Spare capacity between segments changes nothing, bit for bit (it is never read)."""
     g = torch.Generator().manual_seed(31)

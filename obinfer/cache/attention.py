@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from obinfer.cache.kv_cache import LayerCache
+from obinfer.cache.kv_cache import LayerCache, host_tensor
 
 
 def attend(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
@@ -112,26 +112,51 @@ def _decode_segments(layer: LayerCache, q: Tensor) -> Tensor:
 
     The ragged counterpart of `_decode_attention`: segment i's G query heads (rows) against its own
     slots, a view of the flat buffers. No mask (the new query sees every slot of its segment), no
-    SDPA call (its per-call cost dominates at one query), nothing read from the device.
+    SDPA call (its per-call cost dominates at one query), nothing read from the device. A run of
+    neighbouring segments with the same span and capacity (`_runs`: the heads of a uniform row, or the
+    rows of a batch of caches compressed to the same ratio) is one batched matmul instead.
     q: (B, Hq, 1, D) -> (B, Hq, 1, D).
     """
     B, Hq, _, D = q.shape
-    n = layer.n_segments
+    G = Hq // layer.n_kv_heads
     scale = 1.0 / math.sqrt(D)
-    qs = q.reshape(n, Hq // layer.n_kv_heads, D)  # segment i = b * Hkv + h: query heads h * G ... as rows
+    qs = q.reshape(layer.n_segments, G, D)  # segment i = b * Hkv + h: query heads h * G ... as rows
     if q.dtype == torch.float32:  # scale the G x D queries, not the G x S logits (same float32 rounding)
         qs, scale = qs * scale, 1.0
-    caps = layer.cap if _stable_shapes(layer.k) else layer.length  # see `_stable_shapes`
+    spans = layer.cap if _stable_shapes(layer.k) else layer.length  # slots multiplied (`_stable_shapes`)
     outs = []
-    for s, L, n in zip(layer.start, layer.length, caps, strict=True):
-        logits = torch.mm(qs[len(outs)], layer.k[s : s + n].T)  # (G, n)
+    for i, j in _runs(layer.start, layer.cap, spans):
+        s, n, lengths = layer.start[i], spans[i], layer.length[i:j]
+        if j == i + 1:
+            logits = torch.mm(qs[i], layer.k[s : s + n].T)[None]  # (1, G, n)
+        else:  # segments i..j-1 as one (j - i, n, D) strided view
+            k = layer.k[s : s + (j - i) * layer.cap[i]].view(j - i, layer.cap[i], D)[:, :n]
+            logits = torch.bmm(qs[i:j], k.transpose(1, 2))  # (j - i, G, n)
         if scale != 1.0:
             logits = logits.float().mul_(scale)
-        if n > L:
-            logits[:, L:] = -math.inf  # the segment's spare slots
+        if j == i + 1 and n > lengths[0]:
+            logits[:, :, lengths[0] :] = -math.inf  # the segment's spare slots
+        elif j > i + 1 and any(L < n for L in lengths):
+            spare = torch.arange(n, device=q.device) >= host_tensor(lengths, q.device)[:, None]
+            logits.masked_fill_(spare[:, None, :], -math.inf)
         w = torch.softmax(logits, dim=-1).to(layer.v.dtype)
-        outs.append(torch.mm(w, layer.v[s : s + n]))  # (G, D)
-    return torch.stack(outs).view(B, Hq, 1, D)
+        if j == i + 1:
+            outs.append(torch.mm(w[0], layer.v[s : s + n])[None])  # (1, G, D)
+        else:
+            v = layer.v[s : s + (j - i) * layer.cap[i]].view(j - i, layer.cap[i], D)[:, :n]
+            outs.append(torch.bmm(w, v))  # (j - i, G, D)
+    return torch.cat(outs).view(B, Hq, 1, D)
+
+
+def _runs(start: list[int], cap: list[int], span: list[int]) -> list[tuple[int, int]]:
+    """Maximal [i, j) ranges of segments that follow one another in the buffers with equal capacity
+    and equal span: segment i + m starts m capacities after segment i, so the run is a strided view."""
+    runs, i = [], 0
+    for j in range(1, len(start) + 1):
+        if j == len(start) or cap[j] != cap[i] or span[j] != span[i] or start[j] != start[j - 1] + cap[i]:
+            runs.append((i, j))
+            i = j
+    return runs
 
 
 def _attend_segments(layer: LayerCache, q: Tensor, n_new: int) -> Tensor:
