@@ -32,7 +32,8 @@ Three paths, picked from the layout; they compute the same function:
     ragged (`_attend_ragged`): after a head-adaptive press (AdaKV) heads hold different numbers of
         slots, stored without padding one after another in the flat buffers; each (row, KV head)
         segment is attended on its own slots, a view of the buffers (nothing is copied or padded):
-        - T = 1 and no pad slot: `_decode_segments`, two small matmuls per segment, no mask;
+        - T = 1 and no pad slot: `_decode_segments`, two small matmuls per segment, no mask; a run of
+          neighbouring segments with one span and capacity (`_runs`) is one batched matmul;
         - otherwise: `_attend_segments`, one SDPA call per segment with its `_visibility` mask.
         Neither reads the device (segment bounds are host ints). Why not one vectorized pass: a pass
         over the whole layer must either copy the segments into a padded (B, Hkv, S_max, D) block or
