@@ -398,8 +398,7 @@ class H2O(Policy):
         return (0, n) if n > 0 else None
 
     def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
-        k, v, pos = layer.dense()
-        return _invalid(self._sums(q, q_pos, k, v, pos, score_fn, gqa), pos)
+        return self.score_many(q, q_pos, layer, [score_fn], gqa)[0]
 
     def update_state(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> None:
         """Add the sums to the accumulator (0 on invalid slots)."""
@@ -431,15 +430,15 @@ class H2O(Policy):
         """One chunked pass over every prompt query for all the scores (their logits, attention and
         outputs computed once per chunk)."""
         k, v, pos = layer.dense()
+        return [_invalid(s, pos) for s in self._sums(q, q_pos, k, v, pos, score_fns, gqa)]
+
+    def _sums(self, q, q_pos, k, v, pos, score_fns, gqa) -> list[Tensor]:  # noqa: ANN001
+        """Each score summed over the new queries q (the last slots), all from the same chunks
+        (`score_queries_chunked`); 0 on invalid slots."""
         sums = score_queries_chunked(
             list(score_fns), q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True
         )
-        return [_invalid(s.masked_fill(pos < 0, 0.0), pos) for s in sums]
-
-    def _sums(self, q, q_pos, k, v, pos, score_fn, gqa) -> Tensor:  # noqa: ANN001
-        """The score summed over the new queries q (the last slots), chunk by chunk; 0 on invalid slots."""
-        s = score_queries_chunked(score_fn, q, q_pos, k, v, pos, gqa, self.chunk, causal_prefix=True)
-        return s.masked_fill(pos < 0, 0.0)
+        return [s.masked_fill(pos < 0, 0.0) for s in sums]
 
     def _protect_recent(self, s: Tensor, pos: Tensor, seen: Tensor, budget: Tensor | int) -> Tensor:
         r = torch.as_tensor(budget // 2 if self.recent is None else self.recent, device=s.device)
@@ -448,7 +447,7 @@ class H2O(Policy):
 
     def decode_scores(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
         k, v, pos = layer.dense()
-        return self._sums(q, q_pos, k, v, pos, score_fn, gqa)
+        return self._sums(q, q_pos, k, v, pos, [score_fn], gqa)[0]
 
     def decode_ranking(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> Tensor:
         """The accumulated sums (prefill and every decoding step so far)."""
