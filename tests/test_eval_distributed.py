@@ -122,6 +122,21 @@ def test_merge_is_ordered_deduplicated_atomic_and_idempotent(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_merge_keeps_an_answer_redone_with_a_larger_cap(tmp_path):
+    """A row cut short at its cap (missing references) and the same answer redone with a larger cap on
+    another rank: the merge keeps the redone one, wherever it is; a row that was not cut short is kept
+    even against a larger cap's copy."""
+    main, s0 = tmp_path / "results.jsonl", dist.shard_path(tmp_path, World(0, 2))
+    short = dict(cap=4, new_tokens=4, score=0.0)
+    _write_rows(main, [_row(0, pred="abcd", **short), _row(1, pred="ab", cap=4, new_tokens=2, score=0.0)])
+    _write_rows(s0, [_row(0, pred="abcdef", cap=8, new_tokens=6, score=1.0),
+                     _row(1, pred="other", cap=8, new_tokens=5, score=1.0)])  # fmt: skip
+    merged = dist.merge_results(tmp_path, {result_key(_row(i)): i for i in range(2)})
+    assert [(r["index"], r["pred"]) for r in merged] == [(0, "abcdef"), (1, "ab")]
+    assert results.read_results(main) == merged and main.read_bytes().count(b"\n") == 2
+    assert dist.finished_rows(tmp_path)[result_key(_row(0))]["cap"] == 8
+
+
 def test_merge_without_flock_on_the_shared_filesystem(tmp_path, monkeypatch, caplog):
     import contextlib
     import errno
@@ -156,8 +171,11 @@ def test_shards_count_as_results_for_resume_and_report(tmp_path):
     with pytest.raises(results.ResultsError, match=r"rank00001-of-00002.jsonl already exists.*--resume"):
         results.check_out_dir(tmp_path, resume=False)
     results.check_out_dir(tmp_path, resume=True)  # a torn last line is no damage
-    assert dist.finished_keys(tmp_path) == {result_key(_row(0)), result_key(_row(1, press="full", ratio=0.0))}
-    assert dist.finished_keys(tmp_path, skip=s1) == set()
+    assert dist.finished_rows(tmp_path).keys() == {
+        result_key(_row(0)),
+        result_key(_row(1, press="full", ratio=0.0)),
+    }
+    assert dist.finished_rows(tmp_path, skip=s1) == {}
     # the report reads the unmerged shard (results.jsonl does not exist yet), naming the torn line
     warned = []
     text, _ = report.make_report(tmp_path, plots=False, n_boot=10, warn=warned.append)

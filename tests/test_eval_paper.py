@@ -10,7 +10,7 @@ from collections import defaultdict
 import matplotlib.image as mpimg
 import pytest
 
-from obinfer.eval import paper
+from obinfer.eval import paper, results
 from obinfer.eval.metrics import MetricsError, paired_bootstrap_ci, stratified_bootstrap_ci
 from obinfer.eval.report import make_report
 
@@ -204,6 +204,46 @@ def test_report_of_two_runs_is_the_report_of_their_rows_together(tmp_path, capsy
     assert "obv" not in just_grid.split("Ablation of the score")[1]
     assert main(["report", str(grid), str(abl), "--paper", "--no-plots", "--bootstrap", "100"]) == 0
     assert capsys.readouterr().out.strip() == alone.strip()
+
+
+def test_the_paper_block_counts_the_answers_their_cap_cut_short():
+    """Rows with a recorded cap: the block counts, per informative task, the answers that reached it
+    with references missing (a score of 1 at the cap, or an answer that stopped sooner, is not one)."""
+    rows = _rows()
+    assert "Answer caps" not in paper.paper_report(rows, n_boot=50)  # caps not recorded: no line
+    rng = random.Random(5)
+    capped = [r | {"cap": 64, "new_tokens": rng.choice([10, 64])} for r in rows]
+    want = defaultdict(int)
+    for r in capped:
+        if r["task"] != "vt" and r["new_tokens"] == 64 and r["score"] < 1:
+            want[r["task"]] += 1
+    n = len([r for r in capped if r["task"] != "vt"])
+    line = paper.format_caps(capped, {4096: ["niah_multikey_1", "niah_single_1"]})
+    assert line == (
+        f"Answer caps: 64 tokens; {sum(want.values())} of {n} answers cut short (at the cap, references "
+        f"missing): niah_multikey_1 {want['niah_multikey_1']}, niah_single_1 {want['niah_single_1']}."
+    )
+    assert line in paper.paper_report(capped, n_boot=50)
+
+
+def test_a_run_redoing_cut_short_answers_with_a_larger_cap_is_read_with_it(tmp_path):
+    """A second directory holding answers redone with a larger cap (those the first run's cap cut short):
+    read together, each redone answer replaces the one it redoes, whichever directory comes first."""
+    rows = [r | {"pred": "x", "model": "m", "cap": 2, "new_tokens": 2} for r in _rows()]
+    short = [r for r in rows if r["score"] < 1][:5]
+    assert len(short) == 5
+    redone = [r | {"pred": "longer", "cap": 4, "new_tokens": 3, "score": 1.0} for r in short]
+    a = _write_run(tmp_path / "a", rows)
+    b = _write_run(tmp_path / "b", redone)
+    want = {results.result_key(r): r for r in rows} | {results.result_key(r): r for r in redone}
+    for order in ([a, b], [b, a]):
+        got = results.scan_runs(order).rows
+        assert len(got) == len(rows) and {results.result_key(r): r for r in got} == want
+    # a row that was not cut short (it scored 1, or stopped before its cap) is not replaced: refused
+    done = [r for r in rows if r["score"] == 1][0] | {"pred": "y", "cap": 4}
+    c = _write_run(tmp_path / "c", [done])
+    with pytest.raises(results.ResultsError, match="differently"):
+        results.scan_runs([a, c])
 
 
 @pytest.mark.parametrize(

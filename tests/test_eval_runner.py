@@ -381,6 +381,44 @@ def test_resume_skips_budget_rows_and_reads_rows_without_budgets(tiny_model, tmp
     assert all(by_key[result_key(r)] == r["pred"] for r in merged)
 
 
+def test_resume_with_a_larger_cap_redoes_only_the_answers_it_cut_short(tiny_model, tmp_path):
+    """Each row records its answer cap. Resumed with a larger --max-new-tokens, a run redoes the answers
+    that reached the old cap with references missing (and only those: not one that scored 1, nor a row
+    without a recorded cap), appends them, and reads each result once, the redone answer replacing the
+    old one. The redone answers are those of a fresh run with the larger cap."""
+    tok, rows = ByteTokenizer(), _rows(2)
+    presses, ratios = ["full", "snapkv", "h2o"], [0.25, 0.5]
+    small = run_eval(tiny_model, tok, rows, EvalConfig(presses, ratios, max_new_tokens=2), tmp_path,
+                     progress=False)  # fmt: skip
+    assert {r["cap"] for r in small} == {2} and {r["new_tokens"] for r in small} == {2}
+    assert all(r["score"] < 1 for r in small)  # a random tiny model: every answer is cut short
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines()
+    kept = {result_key(small[0]), result_key(small[1])}
+    doctored = [json.loads(x) for x in lines]
+    doctored[0]["score"] = 1.0  # as if it had found the needle: a longer answer cannot score more
+    del doctored[1]["cap"]  # a row from before caps were recorded: final
+    path.write_text("".join(json.dumps(r) + "\n" for r in doctored))
+    redone: list[dict] = []
+    cfg = EvalConfig(presses, ratios, max_new_tokens=5)
+    final = run_eval(
+        tiny_model, tok, rows, cfg, tmp_path, resume=True, progress=False, on_result=redone.append
+    )
+    assert {result_key(r) for r in redone} == {result_key(r) for r in small} - kept
+    assert {r["cap"] for r in redone} == {5} and max(r["new_tokens"] for r in redone) > 2
+    assert len(path.read_text().splitlines()) == len(small) + len(redone)  # the old lines stay
+    assert len(final) == len(small) and {result_key(r) for r in final} == {result_key(r) for r in small}
+    by_key = {result_key(r): r for r in final}
+    assert all(by_key[k] == r for k, r in zip(map(result_key, doctored[:2]), doctored[:2], strict=True))
+    fresh = {result_key(r): r["pred"] for r in run_eval(tiny_model, tok, rows, cfg, tmp_path / "fresh",
+                                                          progress=False)}  # fmt: skip
+    assert all(fresh[result_key(r)] == r["pred"] for r in redone)
+    again: list[dict] = []
+    run_eval(tiny_model, tok, rows, cfg, tmp_path, resume=True, progress=False, on_result=again.append)
+    assert again == []  # cut short again at 5: only a cap above 5 would redo them
+    assert results.read_results(path) == final
+
+
 def test_prompt_too_long_is_a_clear_error(tiny_model, tmp_path):
     row = _rows(1)[0]
     row["context"] = "x" * 600
@@ -805,14 +843,14 @@ def test_appender_writes_whole_lines_and_resume_repairs_a_torn_end(tmp_path):
     assert data.count(b"\n") == 3 and "é".encode() in data  # one UTF-8 line per row
     assert results.read_results(path) == rows
     keys = {result_key(r) for r in rows}
-    assert results.open_for_resume(path, resume=True) == keys
+    assert results.open_for_resume(path, resume=True).keys() == keys
     with pytest.raises(results.ResultsError, match="--resume"):
         results.open_for_resume(path, resume=False)
     path.write_bytes(data + data[:20])  # a torn last line: dropped, atomically
     assert results.scan_for_resume(path) == (rows, data)
-    assert results.open_for_resume(path, resume=True) == keys and path.read_bytes() == data
+    assert results.open_for_resume(path, resume=True).keys() == keys and path.read_bytes() == data
     path.write_bytes(data[:-1])  # a whole last row without its newline: kept, newline added
-    assert results.open_for_resume(path, resume=True) == keys and path.read_bytes() == data
+    assert results.open_for_resume(path, resume=True).keys() == keys and path.read_bytes() == data
     lines = data.splitlines(keepends=True)
     path.write_bytes(lines[0] + b"{oops\n" + lines[2])
     with pytest.raises(

@@ -4,6 +4,7 @@
         --length 2048 --samples 20 --out results/
     obinfer eval --presses full,h2o,tova,snapkv,trimkv --budgets 64,128,256,512 ... --out budgets/
     obinfer eval ... --out results/ --resume          # continue an interrupted run
+    obinfer eval ... --max-new-tokens 128 --resume    # redo the answers a smaller cap cut short
     obinfer report results/ --per-task                # tables, comparisons, PNGs in results/plots
     obinfer report budgets/ --compare trimkv=h2o,tova,snapkv   # also these paired comparisons
     obinfer report grid/ ablation/ --paper            # two runs on the same samples, read as one
@@ -249,7 +250,12 @@ def _add_eval(sub: Any) -> None:
         help="block-wise prefill: N tokens per block, every layer compressed to the press's budget after "
         "each block (bounded memory; each press prefills on its own). Write to its own --out",
     )
-    e.add_argument("--max-new-tokens", type=int, help="cap the tasks' answer lengths (for quick runs)")
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="cap the tasks' answer lengths (for quick runs); with --resume, a larger cap than before "
+        "redoes the answers the smaller one cut short (at the cap, references missing)",
+    )
     e.add_argument(
         "--batch",
         type=int,

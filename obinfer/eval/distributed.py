@@ -18,7 +18,8 @@ single process it always was. Under torchrun:
 * **Resume.** What is finished is read from ``results.jsonl`` and every shard, of any world size, by
   row identity (task, length, index, press, ratio, mode, budget: ``result_key``), so a rerun, with
   ``--resume``, after a rank died, on another number of ranks or in one process, skips the finished rows
-  and duplicates none. A torn last line (a rank killed while writing) is dropped: the rank owning the
+  and duplicates none (but redoes, with a larger ``--max-new-tokens``, answers cut short by the smaller
+  one: the merge keeps the redone row, ``results.supersedes``). A torn last line (a rank killed while writing) is dropped: the rank owning the
   shard cuts it off before appending; merges and readers skip it.
 * **Waiting.** torch.distributed's process group (gloo on CPU, nccl on CUDA, device ``cuda:LOCAL_RANK``)
   is initialised with a timeout; ranks meet at a barrier (a gloo ``monitored_barrier``, naming the
@@ -52,10 +53,12 @@ from obinfer.eval.results import (
     ResultsError,
     Rows,
     decode_json,
+    final_rows,
     result_key,
     row_problem,
     scan_for_resume,
     shard_files,
+    supersedes,
 )
 from obinfer.storage import atomic_write_bytes, locked
 
@@ -156,19 +159,19 @@ def shard_path(out_dir: Path | str, world: World) -> Path:
 
 
 # ------------------------------------------------------------------------------- reading and merging
-def finished_keys(out_dir: Path | str, skip: Path | None = None) -> set[tuple]:
-    """Keys of every row in ``results.jsonl`` and the shards (but `skip`), read-only: a torn last line
-    (its writer died, or is writing it) is ignored; a damaged line before it is a ResultsError."""
+def finished_rows(out_dir: Path | str, skip: Path | None = None) -> dict[tuple, dict[str, Any]]:
+    """The rows of ``results.jsonl`` and the shards (but `skip`) by key (`final_rows`), read-only: a torn
+    last line (its writer died, or is writing it) is ignored; a damaged line before it is a ResultsError."""
     out_dir = Path(out_dir)
-    keys: set[tuple] = set()
+    rows: list[dict[str, Any]] = []
     for path in [out_dir / RESULTS_FILE, *shard_files(out_dir)]:
         if path != skip and path.is_file() and path.stat().st_size:
-            keys.update(result_key(r) for r in scan_for_resume(path)[0])
-    return keys
+            rows += scan_for_resume(path)[0]
+    return final_rows(rows)
 
 
-def _whole_lines(path: Path) -> list[tuple[tuple, bytes]]:
-    """(key, line without its newline) of each row of a results file; a torn last line is left out."""
+def _whole_lines(path: Path) -> list[tuple[dict[str, Any], bytes]]:
+    """(row, line without its newline) of each row of a results file; a torn last line is left out."""
     data = path.read_bytes()
     raw_lines = data.split(b"\n")
     last = max((i for i, raw in enumerate(raw_lines) if raw.strip()), default=-1)
@@ -179,7 +182,7 @@ def _whole_lines(path: Path) -> list[tuple[tuple, bytes]]:
         row, why = decode_json(raw)
         why = why or row_problem(row)
         if why is None:
-            out.append((result_key(row), raw))
+            out.append((row, raw))
         elif i != last:
             raise ResultsError(
                 f"{path}:{i + 1}: {why} (a damaged line before the last one): fix or delete that line, "
@@ -191,7 +194,8 @@ def _whole_lines(path: Path) -> list[tuple[tuple, bytes]]:
 def merge_results(out_dir: Path | str, order: Mapping[tuple, int] | None = None) -> Rows:
     """Merge ``results.jsonl`` and every shard into ``results.jsonl``, then delete the shards.
 
-    Each row (by key) is kept once, its first copy (``results.jsonl`` first, then the shards by name);
+    Each row (by key) is kept once, its first copy (``results.jsonl`` first, then the shards by name)
+    unless a later one redoes it with a larger cap (`supersedes`: that one is kept, the other dropped);
     rows are sorted by `order` (key -> position: the order a single process writes them), rows it does
     not list last, in the order read. The file is replaced atomically and the shards are deleted only
     after, so a merge killed at any point loses nothing and merging again gives the same file. The
@@ -205,22 +209,24 @@ def merge_results(out_dir: Path | str, order: Mapping[tuple, int] | None = None)
         except OSError as e:  # a shared filesystem without flock: rank 0 alone merges anyway
             logger.warning("cannot lock %s (%s); merging without the lock", out_dir, e.strerror or e)
         shards = shard_files(out_dir)
-        entries: dict[tuple, bytes] = {}
+        entries: dict[tuple, tuple[dict[str, Any], bytes]] = {}
         for path in [main, *shards] if main.is_file() else shards:
-            for key, raw in _whole_lines(path):
-                entries.setdefault(key, raw)
+            for row, raw in _whole_lines(path):
+                key = result_key(row)
+                if key not in entries or supersedes(row, entries[key][0]):
+                    entries[key] = (row, raw)
         keys = list(entries)
         if order is not None:
             rank = {k: i for i, k in enumerate(keys)}
             keys.sort(key=lambda k: (0, order[k]) if k in order else (1, rank[k]))
-        data = b"".join(entries[k] + b"\n" for k in keys)
+        data = b"".join(entries[k][1] + b"\n" for k in keys)
         if shards or not main.is_file() or main.read_bytes() != data:
             atomic_write_bytes(main, data)
         for path in shards:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty (another file there) or already gone
             (out_dir / SHARD_DIR).rmdir()
-    return [decode_json(entries[k])[0] for k in keys]
+    return [entries[k][0] for k in keys]
 
 
 # ---------------------------------------------------------------------------------- the ranks' group

@@ -32,7 +32,7 @@ from pathlib import Path
 from obinfer.cache.presses import FULL_NAME
 from obinfer.eval.figures import DEPTH_BINS, PLOTS_WHAT, depth_bin, new_figure, save_png
 from obinfer.eval.metrics import stratified_bootstrap_ci
-from obinfer.eval.results import Rows, output_dir, press_name, row_budget
+from obinfer.eval.results import Rows, cut_short, output_dir, press_name, row_budget, row_cap
 
 PAPER_FAMILIES = ("h2o", "tova", "snapkv", "adakv-snapkv")  # the paper's four methods, in its order
 ABLATION_SCORES = ("attn", "obv", "obk", "obkv", "caote")
@@ -301,6 +301,24 @@ def format_informative(rows: Rows, threshold: float) -> str:
     return "\n".join(lines)
 
 
+def format_caps(rows: Rows, tasks: dict[int, list[str]]) -> str:
+    """How many of the informative tasks' answers their cap cut short (reached it with references
+    missing: a larger cap could score them higher), per task; "" when no row records its cap."""
+    chosen = [r for r in rows if r["task"] in tasks.get(int(r["length"]), ())]
+    caps = sorted({c for r in chosen if (c := row_cap(r)) is not None})
+    if not caps:
+        return ""
+    short: dict[str, int] = defaultdict(int)
+    for r in chosen:
+        short[r["task"]] += cut_short(r)
+    n = sum(short.values())
+    where = ", ".join(f"{t} {k}" for t, k in sorted(short.items()) if k)
+    return (
+        f"Answer caps: {', '.join(map(str, caps))} tokens; {n} of {len(chosen)} answers cut short (at the "
+        f"cap, references missing){': ' + where if n else ''}."
+    )
+
+
 def paper_report(
     rows: Rows,
     threshold: float = INFORMATIVE,
@@ -310,7 +328,7 @@ def paper_report(
     seed: int = 0,
 ) -> str:
     """The text of ``obinfer report --paper``: informative tasks, the paper table and the ablation on
-    them, and (per_task) the paper table of each task."""
+    them, the answers their cap cut short, and (per_task) the paper table of each task."""
     tasks = informative_tasks(rows, threshold)
     parts = [
         format_informative(rows, threshold),
@@ -319,6 +337,7 @@ def paper_report(
             f"The paper's grid ({score} vs attn), informative tasks, ",
         ),  # fmt: skip
         format_ablation(ablation_cells(rows, tasks, n_boot=n_boot, seed=seed), "Ablation of the score, "),
+        format_caps(rows, tasks),
     ]
     if per_task:
         for length, names in tasks.items():
@@ -327,7 +346,7 @@ def paper_report(
                 parts.append(
                     format_paper_table(paper_cells(rows, one, score, n_boot=n_boot, seed=seed), f"{t}, ")
                 )
-    return "\n\n".join(parts)
+    return "\n\n".join(p for p in parts if p)
 
 
 # ------------------------------------------------------------------------------------------- plots

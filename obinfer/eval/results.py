@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -77,6 +77,45 @@ def row_budget(row: dict[str, Any]) -> int:
     return int(row.get("budget") or 0)
 
 
+def row_cap(row: dict[str, Any]) -> int | None:
+    """The most answer tokens a row was decoded with (``cap``: its task's own budget, or ``--max-new-tokens``
+    where smaller); None for a row written before caps were recorded."""
+    cap = row.get("cap")
+    return None if cap is None or isinstance(cap, bool) else int(cap)
+
+
+def cut_short(row: dict[str, Any]) -> bool:
+    """The answer reached its cap with references still missing, so a larger cap could score it higher.
+
+    A capped answer that already scores 1 keeps that score with any larger cap: every metric counts the
+    references found in the answer, and a longer answer holds the shorter one. A row without ``cap``
+    counts as final."""
+    cap = row_cap(row)
+    return cap is not None and int(row.get("new_tokens") or 0) >= cap and float(row["score"]) < 1.0
+
+
+def supersedes(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """`new` is the result of `old` decoded again with a larger cap, `old` having been cut short."""
+    return cut_short(old) and (row_cap(new) or 0) > (row_cap(old) or 0)
+
+
+def needs_run(done: dict[str, Any] | None, cap: int) -> bool:
+    """A result to (re)compute with answer cap `cap`: none yet, or one cut short at a smaller cap."""
+    return done is None or (cut_short(done) and (row_cap(done) or 0) < cap)
+
+
+def final_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Each :func:`result_key`'s result, in first-seen order: its first row, unless a later one
+    :func:`supersedes` it (the same answer redone with a larger cap, ``obinfer eval --resume
+    --max-new-tokens`` larger than before), which then takes its place. A results file keeps both lines."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        key = result_key(row)
+        if key not in out or supersedes(row, out[key]):
+            out[key] = row
+    return out
+
+
 @cache
 def press_name(name: str) -> PressName:
     """The parsed press name of a results row (parsed once per name; the shape only, see PressName)."""
@@ -104,6 +143,11 @@ def row_problem(row: Any) -> str | None:
     budget = row.get("budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         return "budget must be an integer >= 0"
+    cap, new = row.get("cap"), row.get("new_tokens")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        return "cap must be an integer >= 1"
+    if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 0):
+        return "new_tokens must be an integer >= 0"
     try:
         press_name(row["press"])
     except PressError:
@@ -225,6 +269,12 @@ def scan_results(path: Path | str) -> ResultsScan:
     return ResultsScan(p, rows, bad, last, data)
 
 
+def _final(scan: ResultsScan) -> ResultsScan:
+    """`scan` with its rows reduced to :func:`final_rows` (a redone answer replaces the one it redoes)."""
+    scan.rows = list(final_rows(scan.rows).values())
+    return scan
+
+
 def shard_files(out_dir: Path | str) -> list[Path]:
     """The per-rank results files of a results directory (``<out>/shards/rank*-of-*.jsonl``), sorted."""
     d = Path(out_dir) / SHARD_DIR
@@ -233,25 +283,19 @@ def shard_files(out_dir: Path | str) -> list[Path]:
 
 def scan_results_dir(path: Path | str) -> ResultsScan:
     """:func:`scan_results` of a results directory's ``results.jsonl`` and of its unmerged shards (a run
-    under torchrun still going, or one that died): their rows, each :func:`result_key` once, and their
-    bad lines, each naming its file. A file path is scanned alone.
+    under torchrun still going, or one that died): their rows, each :func:`result_key` once
+    (:func:`final_rows`), and their bad lines, each naming its file. A file path is scanned alone.
 
     Raises ResultsMissing if there is neither a results file nor a shard.
     """
     p = Path(path)
     if not p.is_dir():
-        return scan_results(p)
+        return _final(scan_results(p))
     main, shards = p / RESULTS_FILE, shard_files(p)
     if not shards:
-        return scan_results(p)
+        return _final(scan_results(p))
     scans = [scan_results(f) for f in ([main] if main.exists() else []) + shards]
-    rows: Rows = []
-    seen: set[tuple] = set()
-    for scan in scans:
-        for row in scan.rows:
-            if (key := result_key(row)) not in seen:
-                seen.add(key)
-                rows.append(row)
+    rows = list(final_rows(row for scan in scans for row in scan.rows).values())
     bad = [BadLine(b.line, b.offset, b.reason, scan.path) for scan in scans for b in scan.bad]
     return ResultsScan(main, rows, bad, 0, b"")
 
@@ -264,7 +308,8 @@ def scan_runs(paths: Sequence[Path | str]) -> ResultsScan:
     Raises ResultsError if two of them were made with different ``RUN_KEYS`` settings (another model,
     dtype, seed, chat setting or press options: their sample i or their numerics differ, so pairing
     them would compare unlike things), hold rows of different models, or answer the same result key
-    differently. The scan's path is the first one's.
+    differently (unless one answer redoes the other with a larger cap: :func:`supersedes`, and then it
+    is the one kept). The scan's path is the first one's.
     """
     if not paths:
         raise ResultsError("no results directory given")
@@ -272,21 +317,20 @@ def scan_runs(paths: Sequence[Path | str]) -> ResultsScan:
     if len(scans) == 1:
         return scans[0]
     _check_same_run(paths, scans)
-    rows: Rows = []
     seen: dict[tuple, tuple[Path, dict[str, Any]]] = {}
     for scan in scans:
         for row in scan.rows:
             key = result_key(row)
-            if key not in seen:
+            if key not in seen or supersedes(row, seen[key][1]):
                 seen[key] = (scan.path, row)
-                rows.append(row)
-            elif _answer(seen[key][1]) != _answer(row):
+            elif not supersedes(seen[key][1], row) and _answer(seen[key][1]) != _answer(row):
                 task, length, index, press, ratio, mode, budget = key
                 what = f"budget {budget}" if budget else f"ratio {ratio:g}"
                 raise ResultsError(
                     f"{seen[key][0]} and {scan.path} answer {task} #{index} ({length} tokens, {press}, {what}, "
                     f"{mode}) differently: report them separately"
                 )
+    rows = [row for _, row in seen.values()]
     bad = [BadLine(b.line, b.offset, b.reason, b.path or scan.path) for scan in scans for b in scan.bad]
     return ResultsScan(scans[0].path, rows, bad, 0, b"")
 
@@ -320,14 +364,15 @@ def _check_same_run(paths: Sequence[Path | str], scans: Sequence[ResultsScan]) -
 
 
 def read_results(path: Path | str, with_errors: bool = False, strict: bool = False) -> Any:
-    """Rows of a results JSONL file (or directory); unusable lines are skipped (see :func:`scan_results`).
+    """Rows of a results JSONL file (or directory), each result once (:func:`final_rows`); unusable lines
+    are skipped (see :func:`scan_results`).
 
     Args:
         strict: raise ResultsError naming the file and line of the first unusable line instead.
     Returns:
         rows, or (rows, number of skipped lines) with ``with_errors``.
     """
-    scan = scan_results(path)
+    scan = _final(scan_results(path))
     if strict and scan.bad:
         raise ResultsError(scan.bad_lines_error())
     return (scan.rows, len(scan.bad)) if with_errors else scan.rows
@@ -398,17 +443,18 @@ def scan_for_resume(path: Path) -> tuple[Rows, bytes | None]:
     return scan.rows, None
 
 
-def open_for_resume(path: Path, resume: bool) -> set[tuple]:
-    """Keys already done; repairs a torn last line (atomically). Refuses to mix runs unless resuming."""
+def open_for_resume(path: Path, resume: bool) -> dict[tuple, dict[str, Any]]:
+    """The results already there, by key (:func:`final_rows`); repairs a torn last line (atomically).
+    Refuses to mix runs unless resuming."""
     check_out_dir(path.parent, resume, scan=False)
     return repair_for_append(path)
 
 
-def repair_for_append(path: Path) -> set[tuple]:
-    """Keys of the rows in `path` (a results file this process alone appends to); a torn last line is
-    dropped (atomically) so that the next row starts a line of its own."""
+def repair_for_append(path: Path) -> dict[tuple, dict[str, Any]]:
+    """The rows in `path` (a results file this process alone appends to) by key (:func:`final_rows`); a
+    torn last line is dropped (atomically) so that the next row starts a line of its own."""
     if not path.exists() or path.stat().st_size == 0:
-        return set()
+        return {}
     rows, repaired = scan_for_resume(path)
     if repaired is not None:
         if len(repaired) < path.stat().st_size:
@@ -416,7 +462,7 @@ def repair_for_append(path: Path) -> set[tuple]:
                 "%s: dropped a torn last line (an interrupted write); its row will be redone", path
             )
         atomic_write_bytes(path, repaired)
-    return {result_key(r) for r in rows}
+    return final_rows(rows)
 
 
 @contextlib.contextmanager

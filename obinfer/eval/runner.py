@@ -53,6 +53,8 @@ from obinfer.eval.protocol import MODES, check_fits, check_length, sample_prompt
 from obinfer.eval.results import (
     appender,
     check_out_dir,
+    final_rows,
+    needs_run,
     open_for_resume,
     output_dir,
     read_results,
@@ -249,7 +251,7 @@ def run_sample(
     """Result rows of one sample in one mode for `combos`, in `run_order`: budget combos one prefill each,
     then ratio combos (one shared prefill, or one per combo)."""
     prompt = sample_prompt(tok, row, mode, cfg.chat)
-    max_new = min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
+    max_new = answer_cap(row, cfg)
     check_fits(row, prompt, max_new, model.cfg.max_position_embeddings)
     ctx, q = prompt.prefill, prompt.after
     by_budget = [c for c in combos if c.budget]
@@ -265,7 +267,7 @@ def run_sample(
     )
     for combo, res in results:
         out = _base_row(row, mode, combo, cfg)
-        out.update(prompt_tokens=len(ctx), question_tokens=len(q))
+        out.update(prompt_tokens=len(ctx), question_tokens=len(q), cap=max_new)
         out.update(res)
         yield _finish(out, out.pop("_pred"), out.pop("_new"), row["task"])
 
@@ -401,13 +403,22 @@ def _check_lengths(model: Transformer, samples: Sequence[dict[str, Any]], cfg: E
             check_length(*key, model.cfg.max_position_embeddings, cfg.max_new_tokens)
 
 
+def answer_cap(row: dict[str, Any], cfg: EvalConfig) -> int:
+    """The most answer tokens for a sample: its task's own budget, or ``max_new_tokens`` where smaller."""
+    return min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
+
+
 def _pending(
-    samples: Sequence[dict], cfg: EvalConfig, done: set[tuple]
+    samples: Sequence[dict], cfg: EvalConfig, done: dict[tuple, dict[str, Any]]
 ) -> list[tuple[dict, str, list[Combo]]]:
+    """(sample, mode, combos) still to run: no result yet, or one cut short by a smaller cap (`needs_run`)."""
     work = []
     for row in samples:
+        cap = answer_cap(row, cfg)
         for mode in cfg.modes:
-            todo = [c for c in cfg.combos if result_key(_base_row(row, mode, c, cfg)) not in done]
+            todo = [
+                c for c in cfg.combos if needs_run(done.get(result_key(_base_row(row, mode, c, cfg))), cap)
+            ]
             if todo:
                 work.append((row, mode, todo))
     return work
@@ -498,12 +509,13 @@ def run_eval(
         group.barrier("the start of the evaluation")  # every rank checked out_dir: now they write
         path = dist.shard_path(out_dir, world)
         output_dir(path.parent, "(the shards of a torchrun job)")
-        done = repair_for_append(path) | dist.finished_keys(out_dir, skip=path)
+        mine = repair_for_append(path)
     else:
-        done = open_for_resume(path, resume) | dist.finished_keys(out_dir, skip=path)
-    mine = dist.my_samples(list(samples), world)
-    work = _pending(mine, cfg, done)
-    total = len(mine) * len(cfg.modes) * len(cfg.combos)
+        mine = open_for_resume(path, resume)
+    done = final_rows([*mine.values(), *dist.finished_rows(out_dir, skip=path).values()])
+    my_share = dist.my_samples(list(samples), world)
+    work = _pending(my_share, cfg, done)
+    total = len(my_share) * len(cfg.modes) * len(cfg.combos)
     bar = _Progress(total, total - sum(len(c) for _, _, c in work), progress)
     die_after, written = dist.die_after_rows(world), 0
     try:
