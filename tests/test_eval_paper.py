@@ -206,6 +206,29 @@ def test_report_of_two_runs_is_the_report_of_their_rows_together(tmp_path, capsy
     assert capsys.readouterr().out.strip() == alone.strip()
 
 
+def test_the_per_task_summary_is_each_tasks_pooled_paper_cell():
+    """Each (task, mode, family) cell of the per-task summary is the pooled cell of the paper's grid
+    computed on that task alone, baseline and variant accuracies as a plain mean over its samples."""
+    rows = _rows()
+    tasks = {4096: ["niah_multikey_1", "niah_single_1"]}
+    text = paper.format_task_summary(rows, tasks, n_boot=100)
+    lines = [x for x in text.splitlines() if x.startswith("| niah")]
+    assert len(lines) == 4 and "| task | mode | h2o | snapkv |" in text  # families present in the rows
+    for line in lines:
+        task, mode, *cells = [x.strip() for x in line.strip("|").split("|")]
+        for fam, cell in zip(("h2o", "snapkv"), cells, strict=True):
+            (c,) = [
+                c
+                for c in paper.paper_cells(rows, {4096: [task]}, n_boot=100)
+                if c.ratio == "all" and c.mode == mode and c.baseline == fam
+            ]
+            base = sum(_acc(rows, fam, mode, r, [task]) for r in RATIOS) / len(RATIOS)
+            var = sum(_acc(rows, fam + "-obk", mode, r, [task]) for r in RATIOS) / len(RATIOS)
+            assert c.base_acc == pytest.approx(base) and c.var_acc == pytest.approx(var)
+            assert cell.startswith(f"{base:.1f} -> {var:.1f} (") and f"{c.diff:+.1f} [" in cell
+    assert text in paper.paper_report(rows, n_boot=100)
+
+
 def test_the_paper_block_counts_the_answers_their_cap_cut_short():
     """Rows with a recorded cap: the block counts, per informative task, the answers that reached it
     with references missing (a score of 1 at the cap, or an answer that stopped sooner, is not one)."""

@@ -301,6 +301,45 @@ def format_informative(rows: Rows, threshold: float) -> str:
     return "\n".join(lines)
 
 
+def format_task_summary(
+    rows: Rows,
+    tasks: dict[int, list[str]],
+    score: str = "obk",
+    families: Sequence[str] = PAPER_FAMILIES,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> str:
+    """Markdown: the paper's grid per informative task, pooled over the ratios: rows (task, mode),
+    columns the families, a cell ``baseline -> variant (difference [95% CI])``."""
+    parts = []
+    for length, names in sorted(tasks.items()):
+        cells = {}
+        for t in names:
+            for c in paper_cells(rows, {length: [t]}, score, families, n_boot, seed):
+                if c.ratio == "all":
+                    cells[(t, c.mode, c.baseline)] = c
+        if not cells:
+            continue
+        fams = [f for f in families if any(k[2] == f for k in cells)]
+        ns = sorted({c.n for c in cells.values()})
+        n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        lines = [
+            f"Per task, length {length}: accuracy % pooled over the ratios, baseline -> {score} variant, and "
+            f"the difference (paired 95% CI, bold where it excludes 0); n = {n_text} samples per cell",
+            "",
+            "| task | mode | " + " | ".join(fams) + " |",
+            "|---|---|" + "---|" * len(fams),
+        ]
+        for t, mode in sorted({(k[0], k[1]) for k in cells}):
+            text = [
+                f"{c.base_acc:.1f} -> {c.var_acc:.1f} ({_ci(c)})" if (c := cells.get((t, mode, f))) else "-"
+                for f in fams
+            ]
+            lines.append(f"| {t} | {mode} | " + " | ".join(text) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def format_caps(rows: Rows, tasks: dict[int, list[str]]) -> str:
     """How many of the informative tasks' answers their cap cut short (reached it with references
     missing: a larger cap could score them higher), per task; "" when no row records its cap."""
@@ -328,7 +367,8 @@ def paper_report(
     seed: int = 0,
 ) -> str:
     """The text of ``obinfer report --paper``: informative tasks, the paper table and the ablation on
-    them, the answers their cap cut short, and (per_task) the paper table of each task."""
+    them, the grid per task pooled over the ratios, the answers their cap cut short, and (per_task) the
+    paper table of each task."""
     tasks = informative_tasks(rows, threshold)
     parts = [
         format_informative(rows, threshold),
@@ -337,6 +377,7 @@ def paper_report(
             f"The paper's grid ({score} vs attn), informative tasks, ",
         ),  # fmt: skip
         format_ablation(ablation_cells(rows, tasks, n_boot=n_boot, seed=seed), "Ablation of the score, "),
+        format_task_summary(rows, tasks, score, n_boot=n_boot, seed=seed),
         format_caps(rows, tasks),
     ]
     if per_task:
