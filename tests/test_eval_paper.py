@@ -230,21 +230,29 @@ def test_the_per_task_summary_is_each_tasks_pooled_paper_cell():
 
 
 def test_the_paper_block_counts_the_answers_their_cap_cut_short():
-    """Rows with a recorded cap: the block counts, per informative task, the answers that reached it
-    with references missing (a score of 1 at the cap, or an answer that stopped sooner, is not one)."""
+    """Rows with a recorded cap: the block counts, per cap and informative task, the answers that
+    reached it with references missing (a score of 1 at the cap, or an answer that stopped sooner, is
+    not one)."""
     rows = _rows()
-    assert "Answer caps" not in paper.paper_report(rows, n_boot=50)  # caps not recorded: no line
+    assert "cut short" not in paper.paper_report(rows, n_boot=50)  # caps not recorded: no line
     rng = random.Random(5)
-    capped = [r | {"cap": 64, "new_tokens": rng.choice([10, 64])} for r in rows]
-    want = defaultdict(int)
+    capped = [r | {"cap": rng.choice([64, 128]), "new_tokens": rng.choice([10, 64, 128])} for r in rows]
+    want, total = defaultdict(int), defaultdict(int)
     for r in capped:
-        if r["task"] != "vt" and r["new_tokens"] == 64 and r["score"] < 1:
-            want[r["task"]] += 1
-    n = len([r for r in capped if r["task"] != "vt"])
+        if r["task"] != "vt":
+            total[r["cap"]] += 1
+            want[(r["cap"], r["task"])] += r["new_tokens"] >= r["cap"] and r["score"] < 1
     line = paper.format_caps(capped, {4096: ["niah_multikey_1", "niah_single_1"]})
-    assert line == (
-        f"Answer caps: 64 tokens; {sum(want.values())} of {n} answers cut short (at the cap, references "
-        f"missing): niah_multikey_1 {want['niah_multikey_1']}, niah_single_1 {want['niah_single_1']}."
+    parts = [
+        f"cap {c}: {want[(c, 'niah_multikey_1')] + want[(c, 'niah_single_1')]} of {total[c]} "
+        f"(niah_multikey_1 {want[(c, 'niah_multikey_1')]}, niah_single_1 {want[(c, 'niah_single_1')]})"
+        for c in (64, 128)
+    ]
+    assert (
+        line
+        == "Answers cut short by their cap (they reached it with references missing): "
+        + "; ".join(parts)
+        + "."
     )
     assert line in paper.paper_report(capped, n_boot=50)
 

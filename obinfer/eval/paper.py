@@ -342,19 +342,24 @@ def format_task_summary(
 
 def format_caps(rows: Rows, tasks: dict[int, list[str]]) -> str:
     """How many of the informative tasks' answers their cap cut short (reached it with references
-    missing: a larger cap could score them higher), per task; "" when no row records its cap."""
+    missing: a larger cap could score them higher), per cap and task; "" when no row records its cap."""
     chosen = [r for r in rows if r["task"] in tasks.get(int(r["length"]), ())]
-    caps = sorted({c for r in chosen if (c := row_cap(r)) is not None})
-    if not caps:
-        return ""
-    short: dict[str, int] = defaultdict(int)
+    by_cap: dict[int, list[dict]] = defaultdict(list)
     for r in chosen:
-        short[r["task"]] += cut_short(r)
-    n = sum(short.values())
-    where = ", ".join(f"{t} {k}" for t, k in sorted(short.items()) if k)
+        if (c := row_cap(r)) is not None:
+            by_cap[c].append(r)
+    if not by_cap:
+        return ""
+    parts = []
+    for cap, rs in sorted(by_cap.items()):
+        short: dict[str, int] = defaultdict(int)
+        for r in rs:
+            short[r["task"]] += cut_short(r)
+        n = sum(short.values())
+        where = ", ".join(f"{t} {k}" for t, k in sorted(short.items()) if k)
+        parts.append(f"cap {cap}: {n} of {len(rs)}" + (f" ({where})" if n else ""))
     return (
-        f"Answer caps: {', '.join(map(str, caps))} tokens; {n} of {len(chosen)} answers cut short (at the "
-        f"cap, references missing){': ' + where if n else ''}."
+        "Answers cut short by their cap (they reached it with references missing): " + "; ".join(parts) + "."
     )
 
 
