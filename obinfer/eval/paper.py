@@ -471,7 +471,7 @@ def plot_paper(
                         ax.set_xlabel("compression ratio")
                     if j == 0:
                         ax.set_ylabel("accuracy (%)")
-                    if i == 0 and j == 0:
+                    if i == 0:  # each family's own names, once per column
                         ax.legend(fontsize=7, loc="upper right")
             what = names[0] if suffix else f"{len(names)} tasks"
             fig.suptitle(
