@@ -19,8 +19,8 @@ single process it always was. Under torchrun:
   row identity (task, length, index, press, ratio, mode, budget: ``result_key``), so a rerun, with
   ``--resume``, after a rank died, on another number of ranks or in one process, skips the finished rows
   and duplicates none (but redoes, with a larger ``--max-new-tokens``, answers cut short by the smaller
-  one: the merge keeps the redone row, ``results.supersedes``). A torn last line (a rank killed while writing) is dropped: the rank owning the
-  shard cuts it off before appending; merges and readers skip it.
+  one: the merge keeps the redone row, ``results.supersedes``). A torn last line (a rank killed while
+  writing) is dropped: the rank owning the shard cuts it off before appending; merges and readers skip it.
 * **Waiting.** torch.distributed's process group (gloo on CPU, nccl on CUDA, device ``cuda:LOCAL_RANK``)
   is initialised with a timeout; ranks meet at a barrier (a gloo ``monitored_barrier``, naming the
   ranks missing) before writing anything. At the end, rank 0 does not wait at a barrier, whose timeout
