@@ -65,6 +65,11 @@ def check_fits(row: dict[str, Any], prompt: Prompt, max_new: int, limit: int) ->
         )
 
 
+def answer_cap(task_new_tokens: int, max_new_tokens: int | None = None) -> int:
+    """The most answer tokens of a sample: its task's own budget, or `max_new_tokens` where smaller."""
+    return min(task_new_tokens, max_new_tokens or task_new_tokens)
+
+
 def check_length(
     task: str,
     length: int,
@@ -83,7 +88,7 @@ def check_length(
         raise EvalError(
             f"length {length} is too small for {task}: it must exceed the task's {task_new_tokens} answer tokens"
         )
-    new = min(task_new_tokens, max_new_tokens or task_new_tokens)
+    new = answer_cap(task_new_tokens, max_new_tokens)
     need = length - task_new_tokens + new
     if limit is not None and need > limit:
         raise EvalError(

@@ -49,7 +49,7 @@ from obinfer.cache.presses import FULL_NAME, Press, PressName, make_press
 from obinfer.eval import EvalError
 from obinfer.eval import distributed as dist
 from obinfer.eval.metrics import score_row
-from obinfer.eval.protocol import MODES, check_fits, check_length, sample_prompt
+from obinfer.eval.protocol import MODES, answer_cap, check_fits, check_length, sample_prompt
 from obinfer.eval.results import (
     appender,
     check_out_dir,
@@ -251,7 +251,7 @@ def run_sample(
     """Result rows of one sample in one mode for `combos`, in `run_order`: budget combos one prefill each,
     then ratio combos (one shared prefill, or one per combo)."""
     prompt = sample_prompt(tok, row, mode, cfg.chat)
-    max_new = answer_cap(row, cfg)
+    max_new = answer_cap(row["max_new_tokens"], cfg.max_new_tokens)
     check_fits(row, prompt, max_new, model.cfg.max_position_embeddings)
     ctx, q = prompt.prefill, prompt.after
     by_budget = [c for c in combos if c.budget]
@@ -403,18 +403,13 @@ def _check_lengths(model: Transformer, samples: Sequence[dict[str, Any]], cfg: E
             check_length(*key, model.cfg.max_position_embeddings, cfg.max_new_tokens)
 
 
-def answer_cap(row: dict[str, Any], cfg: EvalConfig) -> int:
-    """The most answer tokens for a sample: its task's own budget, or ``max_new_tokens`` where smaller."""
-    return min(row["max_new_tokens"], cfg.max_new_tokens or row["max_new_tokens"])
-
-
 def _pending(
     samples: Sequence[dict], cfg: EvalConfig, done: dict[tuple, dict[str, Any]]
 ) -> list[tuple[dict, str, list[Combo]]]:
     """(sample, mode, combos) still to run: no result yet, or one cut short by a smaller cap (`needs_run`)."""
     work = []
     for row in samples:
-        cap = answer_cap(row, cfg)
+        cap = answer_cap(row["max_new_tokens"], cfg.max_new_tokens)
         for mode in cfg.modes:
             todo = [
                 c for c in cfg.combos if needs_run(done.get(result_key(_base_row(row, mode, c, cfg))), cap)
