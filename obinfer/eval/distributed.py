@@ -54,11 +54,9 @@ from obinfer.eval.results import (
     Rows,
     decode_json,
     final_rows,
-    result_key,
     row_problem,
     scan_for_resume,
     shard_files,
-    supersedes,
 )
 from obinfer.storage import atomic_write_bytes, locked
 
@@ -194,8 +192,8 @@ def _whole_lines(path: Path) -> list[tuple[dict[str, Any], bytes]]:
 def merge_results(out_dir: Path | str, order: Mapping[tuple, int] | None = None) -> Rows:
     """Merge ``results.jsonl`` and every shard into ``results.jsonl``, then delete the shards.
 
-    Each row (by key) is kept once, its first copy (``results.jsonl`` first, then the shards by name)
-    unless a later one redoes it with a larger cap (`supersedes`: that one is kept, the other dropped);
+    Each row (by key) is kept once (`final_rows`): its first copy (``results.jsonl`` first, then the
+    shards by name) unless a later one redoes it with a larger cap (that one is kept, the other dropped);
     rows are sorted by `order` (key -> position: the order a single process writes them), rows it does
     not list last, in the order read. The file is replaced atomically and the shards are deleted only
     after, so a merge killed at any point loses nothing and merging again gives the same file. The
@@ -209,24 +207,21 @@ def merge_results(out_dir: Path | str, order: Mapping[tuple, int] | None = None)
         except OSError as e:  # a shared filesystem without flock: rank 0 alone merges anyway
             logger.warning("cannot lock %s (%s); merging without the lock", out_dir, e.strerror or e)
         shards = shard_files(out_dir)
-        entries: dict[tuple, tuple[dict[str, Any], bytes]] = {}
-        for path in [main, *shards] if main.is_file() else shards:
-            for row, raw in _whole_lines(path):
-                key = result_key(row)
-                if key not in entries or supersedes(row, entries[key][0]):
-                    entries[key] = (row, raw)
-        keys = list(entries)
+        lines = [x for path in ([main, *shards] if main.is_file() else shards) for x in _whole_lines(path)]
+        raw_of = {id(row): raw for row, raw in lines}
+        final = final_rows(row for row, _ in lines)
+        keys = list(final)
         if order is not None:
             rank = {k: i for i, k in enumerate(keys)}
             keys.sort(key=lambda k: (0, order[k]) if k in order else (1, rank[k]))
-        data = b"".join(entries[k][1] + b"\n" for k in keys)
+        data = b"".join(raw_of[id(final[k])] + b"\n" for k in keys)
         if shards or not main.is_file() or main.read_bytes() != data:
             atomic_write_bytes(main, data)
         for path in shards:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty (another file there) or already gone
             (out_dir / SHARD_DIR).rmdir()
-    return [entries[k][0] for k in keys]
+    return [final[k] for k in keys]
 
 
 # ---------------------------------------------------------------------------------- the ranks' group
