@@ -211,7 +211,7 @@ def test_the_per_task_summary_is_each_tasks_pooled_paper_cell():
     computed on that task alone, baseline and variant accuracies as a plain mean over its samples."""
     rows = _rows()
     tasks = {4096: ["niah_multikey_1", "niah_single_1"]}
-    text = paper.format_task_summary(rows, tasks, n_boot=100)
+    text = paper.format_task_summary(paper.task_cells(rows, tasks, n_boot=100))
     lines = [x for x in text.splitlines() if x.startswith("| niah")]
     assert len(lines) == 4 and "| task | mode | h2o | snapkv |" in text  # families present in the rows
     for line in lines:

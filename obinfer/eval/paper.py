@@ -301,23 +301,36 @@ def format_informative(rows: Rows, threshold: float) -> str:
     return "\n".join(lines)
 
 
-def format_task_summary(
+def task_cells(
     rows: Rows,
     tasks: dict[int, list[str]],
     score: str = "obk",
     families: Sequence[str] = PAPER_FAMILIES,
     n_boot: int = 2000,
     seed: int = 0,
+) -> dict[tuple[int, str], list[Cell]]:
+    """The paper's grid computed on each task alone: (length, task) -> its `paper_cells`."""
+    return {
+        (length, t): paper_cells(rows, {length: [t]}, score, families, n_boot, seed)
+        for length, names in tasks.items()
+        for t in names
+    }
+
+
+def format_task_summary(
+    by_task: dict[tuple[int, str], list[Cell]], score: str = "obk", families: Sequence[str] = PAPER_FAMILIES
 ) -> str:
-    """Markdown: the paper's grid per informative task, pooled over the ratios: rows (task, mode),
+    """Markdown: the paper's grid per task (`task_cells`), pooled over the ratios: rows (task, mode),
     columns the families, a cell ``baseline -> variant (difference [95% CI])``."""
     parts = []
-    for length, names in sorted(tasks.items()):
-        cells = {}
-        for t in names:
-            for c in paper_cells(rows, {length: [t]}, score, families, n_boot, seed):
-                if c.ratio == "all":
-                    cells[(t, c.mode, c.baseline)] = c
+    for length in sorted({length for length, _ in by_task}):
+        cells = {
+            (t, c.mode, c.baseline): c
+            for (L, t), cs in by_task.items()
+            if L == length
+            for c in cs
+            if c.ratio == "all"
+        }
         if not cells:
             continue
         fams = [f for f in families if any(k[2] == f for k in cells)]
@@ -375,6 +388,7 @@ def paper_report(
     them, the grid per task pooled over the ratios, the answers their cap cut short, and (per_task) the
     paper table of each task."""
     tasks = informative_tasks(rows, threshold)
+    by_task = task_cells(rows, tasks, score, n_boot=n_boot, seed=seed)
     parts = [
         format_informative(rows, threshold),
         format_paper_table(
@@ -382,16 +396,11 @@ def paper_report(
             f"The paper's grid ({score} vs attn), informative tasks, ",
         ),  # fmt: skip
         format_ablation(ablation_cells(rows, tasks, n_boot=n_boot, seed=seed), "Ablation of the score, "),
-        format_task_summary(rows, tasks, score, n_boot=n_boot, seed=seed),
+        format_task_summary(by_task, score),
         format_caps(rows, tasks),
     ]
     if per_task:
-        for length, names in tasks.items():
-            for t in names:
-                one = {length: [t]}
-                parts.append(
-                    format_paper_table(paper_cells(rows, one, score, n_boot=n_boot, seed=seed), f"{t}, ")
-                )
+        parts += [format_paper_table(cells, f"{t}, ") for (_, t), cells in by_task.items()]
     return "\n\n".join(p for p in parts if p)
 
 
