@@ -166,6 +166,7 @@ def stream(
     cache: KVCache | None = None,
     stats: GenStats | None = None,
     prefill_chunk: int | None = None,
+    drop_finished: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, step by step, until all rows stop or max_new_tokens.
 
@@ -175,12 +176,18 @@ def stream(
         cache: an existing cache to continue (e.g. a compressed context); a new one if None.
         prefill_chunk: feed the prompts in blocks of this many tokens, compressing every layer to the
             press's budget after each block (bounded memory; `PressRun.prefill`); None: one forward.
+        drop_finished: once rows stop, drop them from the cache (`KVCache.keep_rows`) and run the model
+            on the other rows only, so finished rows cost nothing. Rows are independent, so greedy
+            tokens are the same as without it (sampling draws differ). The cache then ends up holding
+            only the rows still decoding at the last drop: use it on a cache you discard. Not with a
+            press that evicts while decoding (its state is per row).
     Yields:
         (B,) next-token ids; rows that already stopped repeat their stop token.
     Raises:
         GenerationError: at the call (before any forward pass) for an empty batch or prompt, a token id
             outside the vocabulary, max_new_tokens < 1, bad sampling values, a cache of another batch, or
-            a press that is not a `Press` (use `FULL`, or `make_press("full")`, for none).
+            a press that is not a `Press` (use `FULL`, or `make_press("full")`, for none), or
+            drop_finished with a press that evicts while decoding.
     """
     vocab = model.cfg.vocab_size
     prompts = _check_ids(prompts, "prompt", vocab)
@@ -208,9 +215,14 @@ def stream(
         raise GenerationError(
             f"prefill_chunk must be an integer >= 1 (tokens per block), got {prefill_chunk!r}"
         )
+    if drop_finished and press.decode_evicts:
+        raise GenerationError(
+            f"drop_finished cannot be used with {press!r}: it evicts while decoding (its state is per row)"
+        )
     return _stream(
-        model, prompts, max_new_tokens, sampling, stop_ids, press, questions, cache, stats, prefill_chunk
-    )
+        model, prompts, max_new_tokens, sampling, stop_ids, press, questions, cache, stats, prefill_chunk,
+        drop_finished,
+    )  # fmt: skip
 
 
 @torch.inference_mode()
@@ -225,6 +237,7 @@ def _stream(
     cache: KVCache | None,
     stats: GenStats | None,
     prefill_chunk: int | None = None,
+    drop_finished: bool = False,
 ) -> Iterator[Tensor]:
     stats = stats if stats is not None else GenStats()
     gen = sampling.generator(model.device)
@@ -249,9 +262,12 @@ def _stream(
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=model.device)
     t_dec = time.perf_counter()
     prev: Tensor | None = None
+    held: Tensor | None = None  # drop_finished: the rows the cache (and logits) still hold, once some left
     for step in range(max_new_tokens):
         tok = sample_next(logits, sampling, gen)
-        if prev is not None:
+        if held is not None:  # the rows no longer held all stopped: they repeat their stop token
+            tok = prev.index_copy(0, held, tok)
+        elif prev is not None:
             tok = torch.where(done, prev, tok)
         if step == 0:
             stats.ttft_s = time.perf_counter() - t0
@@ -262,10 +278,24 @@ def _stream(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         prev = tok
-        logits = model(tok[:, None], cache, observer=step_observer)[:, -1]
+        if drop_finished:
+            held = _drop_finished(cache, held, done)
+        logits = model((tok if held is None else tok[held])[:, None], cache, observer=step_observer)[:, -1]
     stats.decode_s = time.perf_counter() - t_dec
     stats.cache_bytes = cache.nbytes()
     stats.kept_per_layer = kept_summary(cache)
+
+
+def _drop_finished(cache: KVCache, held: Tensor | None, done: Tensor) -> Tensor | None:
+    """Drop the finished rows from `cache`, which holds rows `held` of the batch (None: all of them).
+    Returns the rows it holds now (None while that is still all of them)."""
+    rows = held if held is not None else torch.arange(len(done), device=done.device)
+    running = ~done[rows]
+    n = int(running.sum())
+    if n == len(rows):
+        return held
+    cache.keep_rows(running.nonzero()[:, 0].tolist())
+    return rows[running]
 
 
 def kept_summary(cache: KVCache) -> list[tuple[int, float, int]]:

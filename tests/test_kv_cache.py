@@ -309,6 +309,43 @@ def test_cat_rows_stacks_segments_counters_and_accumulators():
         KVCache.cat_rows([])
 
 
+def test_keep_rows_keeps_those_rows_in_that_order_and_frees_the_rest():
+    parts = single_rows()
+    both = KVCache.cat_rows(parts)
+    pos = both.next_positions(1)  # one decode step: the stack gets spare capacity in every segment
+    for layer in both.layers:
+        layer.append(torch.randn(3, H, 1, D), torch.randn(3, H, 1, D), pos)
+    seen = both.seen.tolist()
+    ref = [[[x.clone() for x in layer.segment(i)] for i in range(3 * H)] for layer in both.layers]
+    acc = {li: layer.acc["a"].clone() for li, layer in enumerate(both.layers) if "a" in layer.acc}
+    starts = [list(layer.start) for layer in both.layers]
+    caps = [list(layer.cap) for layer in both.layers]
+    version = both.layers[0].version
+    both.keep_rows([2, 1])
+    assert both.batch == 2 and both.seen.tolist() == [seen[2], seen[1]]
+    for li, layer in enumerate(both.layers):
+        assert layer.batch == 2 and layer.n_segments == 2 * H
+        assert layer.cap == [caps[li][b * H + h] for b in (2, 1) for h in range(H)]  # spare capacity kept
+        assert layer.nbytes() == sum(layer.cap) * 2 * D * 4  # only the kept rows' memory
+        assert layer.n_invalid == count_invalid(layer)
+        for j, (b, h) in enumerate((b, h) for b in (2, 1) for h in range(H)):
+            for x, y in zip(layer.segment(j), ref[li][b * H + h], strict=True):
+                assert torch.equal(x, y)
+            if li in acc:
+                s, L = layer.start[j], layer.length[j]
+                s0 = starts[li][b * H + h]
+                assert torch.equal(layer.acc["a"][s : s + L], acc[li][s0 : s0 + L])
+    assert both.layers[0].version != version  # rows were removed: a new version
+    pos = both.next_positions(1)  # and the kept rows go on growing from their own counters
+    for layer in both.layers:
+        layer.append(torch.randn(2, H, 1, D), torch.randn(2, H, 1, D), pos)
+    assert pos[:, 0].tolist() == [seen[2], seen[1]]
+    assert both.layers[0].segment(0)[2][-1].item() == seen[2]
+    for bad in ([], [0, 0], [2]):
+        with pytest.raises(ValueError, match="keep_rows"):
+            both.keep_rows(bad)
+
+
 @torch.inference_mode()
 def test_decoding_stacked_caches_equals_decoding_each_alone(tiny_llama_dir):
     """Caches compressed by different presses from prompts of different lengths, decoded as one batch:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from obinfer import weights
+from obinfer.cache.presses import make_press
 from obinfer.errors import ObinferError
 from obinfer.generate import GenerationError, Sampling, generate, sample_next, stream
 from obinfer.weights import CheckpointError, load_model
@@ -169,6 +170,36 @@ def test_stream_refuses_bad_batches(tiny_model):
         stream(tiny_model, [[5, 6]], sampling=s)
     # a tensor prompt and numpy-style integers are fine
     assert len(list(generate(tiny_model, torch.tensor([5, 6, 7]), max_new_tokens=2))) == 2
+
+
+def test_drop_finished_gives_the_same_tokens_and_shrinks_the_batch(tiny_model):
+    """Rows that stop leave the batch (the cache keeps only the others) and every row's tokens are the
+    ones of the full-batch decode; a ragged (AdaKV-compressed, left-padded) batch included."""
+    prompts = [
+        [5, 9, 17, 33, 60, 61, 62, 70, 80, 90],
+        [7, 8, 9, 10, 11, 12, 13],
+        [40, 41, 42, 43, 44, 45, 46, 47],
+    ]
+    press = make_press("adakv-snapkv", compression_ratio=0.5, window=2)
+
+    def run(stop_ids, drop):
+        cache = tiny_model.new_cache(len(prompts))
+        steps = stream(tiny_model, prompts, max_new_tokens=8, press=press, stop_ids=stop_ids, cache=cache,
+                       drop_finished=drop)  # fmt: skip
+        return [t.tolist() for t in steps], cache
+
+    free, _ = run(set(), False)
+    # stop row 0 at step 1 and row 1 at step 3 (by their own tokens, if the other rows do not make them)
+    stops = {free[1][0], free[3][1]}
+    ref, _ = run(stops, False)
+    got, cache = run(stops, True)
+    assert got == ref
+    finished = [next((i for i, t in enumerate(col) if t in stops), None) for col in zip(*ref, strict=True)]
+    assert finished[0] == 1 and len(ref) > 2  # row 0 stopped early while another row went on
+    running_at_end = sum(1 for f in finished if f is None or f == len(ref) - 1)
+    assert cache.batch < len(prompts) and cache.batch >= running_at_end
+    with pytest.raises(GenerationError, match="drop_finished"):
+        stream(tiny_model, prompts, press=make_press("h2o", budget=4), drop_finished=True)
 
 
 def _copy(src, dst):

@@ -94,6 +94,16 @@ def headroom(length: int, align: int = 1) -> int:
     return -(-grown // align) * align - length
 
 
+def _check_rows(rows: Sequence[int], batch: int) -> list[int]:
+    """`rows` as a list of distinct batch rows in [0, batch), or ValueError naming the problem."""
+    rows = [int(b) for b in rows]
+    if not rows:
+        raise ValueError("keep_rows needs at least one row")
+    if len(set(rows)) != len(rows) or not all(0 <= b < batch for b in rows):
+        raise ValueError(f"keep_rows: rows {rows} must be distinct and in [0, {batch})")
+    return rows
+
+
 class LayerCache:
     """K/V of one layer, stored as B x Hkv segments of flat (N, D) buffers.
 
@@ -374,6 +384,34 @@ class LayerCache:
         self._len_t = counts
         self._changed(removed=True)
 
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only batch rows `rows` (distinct, in the given order): their segments, with their slots,
+        slot order and spare capacity, move into fresh buffers; the other rows' memory is freed.
+
+        One slice copy per kept segment and buffer, as `_reallocate`. Used to stop decoding rows that
+        have finished (`generate.stream(..., drop_finished=True)`).
+        """
+        rows = _check_rows(rows, self.batch)
+        H = self.n_kv_heads
+        segs = [b * H + h for b in rows for h in range(H)]
+        caps = [self.cap[i] for i in segs]
+        starts = list(itertools.accumulate(caps, initial=0))[:-1]
+        total = sum(caps)
+
+        def take(buf: Tensor, fill: float | int = 0) -> Tensor:
+            out = buf.new_full((total, *buf.shape[1:]), fill)
+            for i, new in zip(segs, starts, strict=True):
+                s, L = self.start[i], self.length[i]
+                out[new : new + L] = buf[s : s + L]
+            return out
+
+        self.k, self.v, self.pos = take(self.k), take(self.v), take(self.pos, -1)
+        self.acc = {name: take(a) for name, a in self.acc.items()}
+        self.batch = len(rows)
+        self.start, self.length, self.cap = starts, [self.length[i] for i in segs], caps
+        self._relayout()
+        self._changed(removed=True)
+
     def remove_slot(self, i: int, slot: int) -> None:
         """Evict one slot of segment i in O(1): its last slot moves into the freed one."""
         s, L = self.start[i], self.length[i]
@@ -636,6 +674,23 @@ class KVCache:
         ]
         new.seen = torch.cat([c.seen for c in caches])
         return new
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only batch rows `rows` (distinct, in the given order) in every layer and the position
+        counter; their memory is all that stays allocated. E.g. a batch decode drops its finished rows::
+
+            >>> c = KVCache.empty(1, 3, 1, 4)
+            >>> c.layers[0].append(torch.randn(3, 1, 2, 4), torch.randn(3, 1, 2, 4), c.next_positions(2))
+            >>> c.keep_rows([2, 0])
+            >>> c.batch, c.layers[0].lengths()
+            (2, [[2], [2]])
+
+        Raises ValueError for an empty, repeated or out-of-range row. Snapshots taken before do not apply.
+        """
+        rows = _check_rows(rows, self.batch)
+        for layer in self.layers:
+            layer.keep_rows(rows)
+        self.seen = self.seen[torch.tensor(rows, device=self.seen.device)]
 
     def fork(self) -> KVCache:
         """A deep copy (for trying several presses on one prefill). It can be truncated to snapshots of

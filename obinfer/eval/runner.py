@@ -202,15 +202,16 @@ def answer_batch(
     model: Transformer, tok: Any, caches: Sequence[KVCache], q_ids: Sequence[int], max_new: int
 ) -> list[tuple[str, int]]:
     """`answer` for several compressed caches of one context at once: one batch of (ragged) rows, so
-    the weights are read once per step for all of them. Greedy, so each row's tokens are the ones
-    `answer` gives for that cache alone (tests/test_eval_runner.py checks it).
+    the weights are read once per step for all of them, and a row that has stopped leaves the batch
+    (`drop_finished`). Greedy, so each row's tokens are the ones `answer` gives for that cache alone
+    (tests/test_eval_runner.py checks it).
     """
     if len(caches) == 1:
         return [answer(model, tok, caches[0], q_ids, max_new)]
     stops = set(tok.stop_ids)
     stacked = KVCache.cat_rows(list(caches))
     steps = [x.tolist() for x in stream(model, [list(q_ids)] * len(caches), max_new_tokens=max_new,
-                                        stop_ids=stops, cache=stacked)]  # fmt: skip
+                                        stop_ids=stops, cache=stacked, drop_finished=True)]  # fmt: skip
     out = []
     for r in range(len(caches)):
         toks = []
