@@ -283,28 +283,32 @@ class LayerCache:
         """start / cap (and maybe length) were replaced: derived layout state is rebuilt on next use."""
         self._uniform, self._start_t, self._len_t = None, None, None
 
-    def _reallocate(self, new_cap: Sequence[int]) -> None:
-        """Move every segment into fresh buffers with capacities `new_cap` (>= current lengths).
+    def _move_segments(self, segs: Sequence[int], new_cap: Sequence[int]) -> None:
+        """Move segments `segs` into fresh buffers, in that order (the others are dropped), segment
+        segs[j] with capacity new_cap[j] (>= its length); lengths follow, layout state is rebuilt.
 
         One slice copy per segment and buffer (several times faster on CPU than one index gather and
         scatter of every slot); the spare capacity holds zeros (positions -1).
         """
-        starts, total = [], 0
-        for c in new_cap:
-            starts.append(total)
-            total += c
+        starts = list(itertools.accumulate(new_cap, initial=0))
+        total = starts.pop()
 
         def move(buf: Tensor, fill: float | int = 0) -> Tensor:
             out = buf.new_full((total, *buf.shape[1:]), fill)
-            for s, new, L in zip(self.start, starts, self.length, strict=True):
+            for i, new in zip(segs, starts, strict=True):
+                s, L = self.start[i], self.length[i]
                 out[new : new + L] = buf[s : s + L]
             return out
 
         self.k, self.v, self.pos = move(self.k), move(self.v), move(self.pos, -1)
         self.acc = {name: move(a) for name, a in self.acc.items()}
-        self.start, self.cap = starts, list(new_cap)
-        len_t = self._len_t
+        self.start, self.length, self.cap = starts, [self.length[i] for i in segs], list(new_cap)
         self._relayout()
+
+    def _reallocate(self, new_cap: Sequence[int]) -> None:
+        """Give every segment capacity `new_cap` (>= current lengths), in fresh buffers."""
+        len_t = self._len_t
+        self._move_segments(range(self.n_segments), new_cap)
         self._len_t = len_t  # lengths did not move
 
     def append(self, k: Tensor, v: Tensor, pos: Tensor, n_pad: int | None = None) -> None:
@@ -388,28 +392,14 @@ class LayerCache:
         """Keep only batch rows `rows` (distinct, in the given order): their segments, with their slots,
         slot order and spare capacity, move into fresh buffers; the other rows' memory is freed.
 
-        One slice copy per kept segment and buffer, as `_reallocate`. Used to stop decoding rows that
+        One slice copy per kept segment and buffer (`_move_segments`). Used to stop decoding rows that
         have finished (`generate.stream(..., drop_finished=True)`).
         """
         rows = _check_rows(rows, self.batch)
         H = self.n_kv_heads
         segs = [b * H + h for b in rows for h in range(H)]
-        caps = [self.cap[i] for i in segs]
-        starts = list(itertools.accumulate(caps, initial=0))[:-1]
-        total = sum(caps)
-
-        def take(buf: Tensor, fill: float | int = 0) -> Tensor:
-            out = buf.new_full((total, *buf.shape[1:]), fill)
-            for i, new in zip(segs, starts, strict=True):
-                s, L = self.start[i], self.length[i]
-                out[new : new + L] = buf[s : s + L]
-            return out
-
-        self.k, self.v, self.pos = take(self.k), take(self.v), take(self.pos, -1)
-        self.acc = {name: take(a) for name, a in self.acc.items()}
+        self._move_segments(segs, [self.cap[i] for i in segs])
         self.batch = len(rows)
-        self.start, self.length, self.cap = starts, [self.length[i] for i in segs], caps
-        self._relayout()
         self._changed(removed=True)
 
     def remove_slot(self, i: int, slot: int) -> None:
