@@ -290,12 +290,11 @@ def _drop_finished(cache: KVCache, held: Tensor | None, done: Tensor) -> Tensor 
     """Drop the finished rows from `cache`, which holds rows `held` of the batch (None: all of them).
     Returns the rows it holds now (None while that is still all of them)."""
     rows = held if held is not None else torch.arange(len(done), device=done.device)
-    running = ~done[rows]
-    n = int(running.sum())
-    if n == len(rows):
+    keep = (~done[rows]).nonzero()[:, 0]  # positions in the cache of the rows still running
+    if len(keep) == len(rows):
         return held
-    cache.keep_rows(running.nonzero()[:, 0].tolist())
-    return rows[running]
+    cache.keep_rows(keep.tolist())
+    return rows[keep]
 
 
 def kept_summary(cache: KVCache) -> list[tuple[int, float, int]]:
