@@ -7,7 +7,8 @@ A published block is marked in the Markdown source::
     ...the report's own text, verbatim...
     <!-- end report -->
 
-and this test runs that report (without plots) and finds each block's text in its output.
+and this test runs that report (without plots) and finds each block's text in its output. A command may
+name several results files (a grid and its ablation on the same samples, read as one run).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def _blocks() -> list[tuple[str, str]]:
 
 def _report(cmd: str) -> str:
     args = shlex.split(cmd)[2:]
-    path = ROOT / args[0]
+    paths = [ROOT / a for a in args if not a.startswith("-") and a.endswith((".gz", ".jsonl"))]
     informative = float(args[args.index("--informative") + 1]) if "--informative" in args else 80.0
-    text, _ = make_report(path, per_task="--per-task" in args, plots=False, paper="--paper" in args,
+    text, _ = make_report(paths, per_task="--per-task" in args, plots=False, paper="--paper" in args,
                           informative=informative, strict=True)  # fmt: skip
     return text
 
@@ -45,7 +46,10 @@ def test_docs_publish_report_blocks():
     assert blocks, "docs/results.md marks no published report block"
     for cmd, body in blocks:
         assert body.strip(), f"empty published block for {cmd!r}"
-        assert (ROOT / shlex.split(cmd)[2]).is_file(), f"{cmd!r}: the archived results are not committed"
+        files = [a for a in shlex.split(cmd)[2:] if a.endswith((".gz", ".jsonl"))]
+        assert files, f"{cmd!r} names no results file"
+        for f in files:
+            assert (ROOT / f).is_file(), f"{cmd!r}: the archived results {f} are not committed"
 
 
 @pytest.mark.parametrize("cmd", sorted({cmd for cmd, _ in _blocks()}))
