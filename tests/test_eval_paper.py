@@ -132,6 +132,24 @@ def test_paper_table_and_ablation_text():
     assert row.split(" | ")[2] == f"{pooled:.1f}"
 
 
+def test_ablation_rows_use_the_samples_every_score_answered():
+    """An ablation run with fewer samples than its grid: the whole (mode, family) row, attn and obk
+    included, is computed on the samples obv also answered, and the table says how many."""
+    rows = _rows()
+    tasks = paper.informative_tasks(rows)
+    few = [r for r in rows if not (r["press"] == "snapkv-obv" and r["index"] >= 6)]
+    abl = paper.ablation_cells(few, tasks, n_boot=200)
+    assert {c.n for c in abl} == {2 * 6}  # 2 informative tasks x samples 0-5
+    common = [r for r in rows if r["index"] < 6]
+    for c in abl:
+        base = sum(_acc(common, "snapkv", c.mode, r, tasks[4096]) for r in RATIOS) / 2
+        var = sum(_acc(common, c.variant, c.mode, r, tasks[4096]) for r in RATIOS) / 2
+        assert (c.base_acc, c.var_acc) == (pytest.approx(base), pytest.approx(var))
+    assert "n = 12 samples per cell" in paper.format_ablation(abl)
+    # the paper's table still uses every sample of snapkv and snapkv-obk
+    assert {c.n for c in paper.paper_cells(few, tasks, n_boot=50)} == {2 * N}
+
+
 def test_make_report_paper_text_and_plots(tmp_path):
     out = tmp_path / "res"
     out.mkdir()

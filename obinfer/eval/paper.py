@@ -15,7 +15,8 @@ paired CI for every cell.
   fewer than `MIN_PER_TASK` shared samples. `tally` counts the cells where the variant is at least as
   good, and where the CI excludes 0.
 * **Ablation** (`ablation_cells`): every score of a family (attn, obv, obk, obkv, caote) pooled over
-  the ratios (a sample's mean over them), with the difference to attn.
+  the ratios (a sample's mean over them), with the difference to attn, on the samples every score of
+  the family answered (an ablation run with fewer samples than its grid restricts the whole row).
 * **Plots**: accuracy against ratio per family, baseline solid and variant dashed with CI bands, full
   cache dotted, one panel per (mode, family), also per task (`plot_paper`); needle depth x ratio heat
   maps of the best and the worst press (`plot_depth_ratio`).
@@ -190,9 +191,25 @@ def ablation_cells(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> list[Cell]:
-    """Every non-attn score of each family against attn, pooled over the ratios ("all" cells only)."""
-    pairs = [(variant_name(f, s), f) for f in families for s in scores if s != "attn"]
-    return [c for c in compare(rows, pairs, tasks, n_boot, seed) if c.ratio == "all"]
+    """Every non-attn score of each family against attn, pooled over the ratios ("all" cells only).
+
+    Per (mode, length, family), on the samples that every score present answered: a grid of 30 samples
+    for attn and obk with an ablation of 5 for obv gives one table of 5 samples, so that all its columns
+    (attn included) are comparable."""
+    rows = list(rows)
+    out = []
+    for f in families:
+        names = {variant_name(f, s) for s in scores}
+        seen: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+        for r in rows:
+            if r["press"] in names and not row_budget(r):
+                seen[(r["mode"], int(r["length"]))][r["press"]].add((r["task"], int(r["index"])))
+        common = {ml: set.intersection(*by.values()) for ml, by in seen.items()}
+        sub = [r for r in rows if r["press"] in names and not row_budget(r)
+               and (r["task"], int(r["index"])) in common[(r["mode"], int(r["length"]))]]  # fmt: skip
+        pairs = [(variant_name(f, s), f) for s in scores if s != "attn"]
+        out += [c for c in compare(sub, pairs, tasks, n_boot, seed) if c.ratio == "all"]
+    return out
 
 
 def tally(cells: Sequence[Cell]) -> dict[str, int]:
@@ -266,16 +283,19 @@ def format_ablation(cells: Sequence[Cell], title: str = "") -> str:
     for length in sorted({c.length for c in cells}):
         cs = [c for c in cells if c.length == length]
         scores = [s for s in ABLATION_SCORES if any(press_name(c.variant).score == s for c in cs)]
+        ns = sorted({c.n for c in cs})
+        n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
         lines = [
             f"{title}length {length}, accuracy % pooled over the ratios, and the difference to attn "
-            "(paired 95% CI, bold where it excludes 0)",
+            f"(paired 95% CI, bold where it excludes 0); n = {n_text} samples per cell, those every score "
+            "of the family answered",
             "",
             "| mode | family | attn | " + " | ".join(scores) + " |",
             "|---|---|---:|" + "---:|" * len(scores),
         ]
         for mode, family in sorted({(c.mode, c.baseline) for c in cs}):
             row = {press_name(c.variant).score: c for c in cs if (c.mode, c.baseline) == (mode, family)}
-            base = next(iter(row.values())).base_acc  # on each pair's shared samples; the same when complete
+            base = next(iter(row.values())).base_acc  # the same samples for every score of the row
             cell = lambda c: f"{c.var_acc:.1f} ({_ci(c)})" if c else "-"  # noqa: E731
             lines.append(
                 f"| {mode} | {family} | {base:.1f} | " + " | ".join(cell(row.get(s)) for s in scores) + " |"
