@@ -150,6 +150,27 @@ def test_ablation_rows_use_the_samples_every_score_answered():
     assert {c.n for c in paper.paper_cells(few, tasks, n_boot=50)} == {2 * N}
 
 
+def test_every_press_on_the_samples_all_answered():
+    """format_common: nothing when every press answered the same samples; else each press's accuracy on
+    the samples every press answered, equal to a plain mean over those samples."""
+    rows = _rows()
+    tasks = paper.informative_tasks(rows)
+    assert paper.format_common(rows, tasks) == ""
+    few = [r for r in rows if not (r["press"] == "snapkv-obv" and r["index"] >= 4)]
+    text = paper.format_common(few, tasks)
+    assert text.count("n = 8 samples per cell") == 2  # both modes; 2 informative tasks x samples 0-3
+    common = [r for r in rows if r["index"] < 4]
+    lines = text.split("aware, length 4096")[1].splitlines()
+    assert next(x for x in lines if x.startswith("| full |")).endswith(
+        f" | {_acc(common, 'full', 'aware', 0.0, tasks[4096]):.1f} |"
+    )
+    for press in PRESSES:
+        row = next(x for x in lines if x.startswith(f"| {press} |")).strip("| ").split(" | ")
+        accs = [_acc(common, press, "aware", r, tasks[4096]) for r in RATIOS]
+        assert row[1:] == [f"{a:.1f}" for a in accs] + [f"{sum(accs) / len(accs):.1f}"]
+    assert "Every press on the samples all of them answered" in paper.paper_report(few, n_boot=50)
+
+
 def test_make_report_paper_text_and_plots(tmp_path):
     out = tmp_path / "res"
     out.mkdir()

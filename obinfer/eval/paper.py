@@ -37,6 +37,9 @@ from obinfer.eval.results import Rows, cut_short, output_dir, press_name, row_bu
 
 PAPER_FAMILIES = ("h2o", "tova", "snapkv", "adakv-snapkv")  # the paper's four methods, in its order
 ABLATION_SCORES = ("attn", "obv", "obk", "obkv", "caote")
+# the families of the ablation table, those present in the results (the paper's SnapKV pair, and their
+# PyramidKV layer-budget variants)
+ABLATION_FAMILIES = ("snapkv", "adakv-snapkv", "pyramid-snapkv", "pyramid-adakv-snapkv")
 INFORMATIVE = 80.0  # full-cache accuracy (%) at or above which a task is informative
 # fewer shared samples than this in some task: no CI. Resampling within a task of 1 sample has no spread,
 # and with 2-4 the percentile bootstrap shows near-certainty whenever those few samples agree.
@@ -186,7 +189,7 @@ def paper_cells(
 def ablation_cells(
     rows: Rows,
     tasks: dict[int, list[str]] | None = None,
-    families: Sequence[str] = ("snapkv", "adakv-snapkv"),
+    families: Sequence[str] = ABLATION_FAMILIES,
     scores: Sequence[str] = ABLATION_SCORES,
     n_boot: int = 2000,
     seed: int = 0,
@@ -373,6 +376,39 @@ def format_task_summary(
     return "\n\n".join(parts)
 
 
+def format_common(rows: Rows, tasks: dict[int, list[str]]) -> str:
+    """Markdown: every press's accuracy per mode x ratio (and pooled over the ratios) on the samples
+    that every press answered at every ratio, per length; "" when every press answered the same samples
+    (the plain accuracy table says it all). For a grid read with a smaller ablation of other presses."""
+    parts = []
+    for (mode, length), presses in sorted(_by_sample(rows, tasks).items()):
+        sets = [set(by_key) for by_ratio in presses.values() for by_key in by_ratio.values()]
+        if all(k == sets[0] for k in sets):
+            continue
+        common = set.intersection(*sets)
+        if not common:
+            parts.append(f"{mode}, length {length}: no sample answered by every press")
+            continue
+        keys = sorted(common)
+        ratios = sorted({r for by_ratio in presses.values() for r in by_ratio if r > 0})
+        lines = [
+            f"Every press on the samples all of them answered, {mode}, length {length}: accuracy % "
+            f"(n = {len(keys)} samples per cell; mean = pooled over the ratios)",
+            "",
+            "| press | " + " | ".join(f"{r:g}" for r in ratios) + " | mean |",
+            "|---|" + "---:|" * (len(ratios) + 1),
+        ]
+        order = sorted(presses, key=lambda p: p != FULL_NAME)  # full first, then as the rows list them
+        for press in order:
+            by_ratio = presses[press]
+            acc = {r: _task_mean(keys, by_ratio[r]) for r in by_ratio}
+            cells = [f"{acc[r]:.1f}" if r in acc else "-" for r in ratios]
+            mean = sum(acc.values()) / len(acc)
+            lines.append(f"| {press} | " + " | ".join(cells) + f" | {mean:.1f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def format_caps(rows: Rows, tasks: dict[int, list[str]]) -> str:
     """How many of the informative tasks' answers their cap cut short (reached it with references
     missing: a larger cap could score them higher), per cap and task; "" when no row records its cap."""
@@ -405,7 +441,8 @@ def paper_report(
     seed: int = 0,
 ) -> str:
     """The text of ``obinfer report --paper``: informative tasks, the paper table and the ablation on
-    them, the grid per task pooled over the ratios, the answers their cap cut short, and (per_task) the
+    them, every press on the samples all answered (when some answered fewer: a grid with its ablation),
+    the grid per task pooled over the ratios, the answers their cap cut short, and (per_task) the
     paper table of each task."""
     tasks = informative_tasks(rows, threshold)
     by_task = task_cells(rows, tasks, score, n_boot=n_boot, seed=seed)
@@ -416,6 +453,7 @@ def paper_report(
             f"The paper's grid ({score} vs attn), informative tasks, ",
         ),  # fmt: skip
         format_ablation(ablation_cells(rows, tasks, n_boot=n_boot, seed=seed), "Ablation of the score, "),
+        format_common(rows, tasks),
         format_task_summary(by_task, score),
         format_caps(rows, tasks),
     ]
