@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from obinfer.cache.presses import make_press
-from obinfer.cache.scores import reduce_term, register_score
+from obinfer.cache.scores import dist2, reduce_term, register_score
 from obinfer.eval.protocol import sample_prompt
 from obinfer.inspect.run import find_text, run_presses
 from obinfer.loading import load
@@ -48,8 +48,7 @@ def az2(inp):  # noqa: ANN001, ANN201
 
 @register_score("vdist")
 def vdist(inp):  # noqa: ANN001, ANN201
-    t = inp.terms  # ||v_p - o_i||^2 = ||v_p||^2 + ||o_i||^2 - 2 <v_p, o_i>
-    return reduce_term(inp, (t.v2 + t.o2 - 2.0 * t.vo).clamp_min(0.0))
+    return reduce_term(inp, dist2(inp.terms))
 
 
 SCORES = ("attn", "obk", "az2")

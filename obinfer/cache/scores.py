@@ -247,8 +247,9 @@ def reduce_term(inp: ScoreInputs, term: Tensor) -> Tensor:
 _reduce = reduce_term
 
 
-def _dist2(t: Terms) -> Tensor:
-    """||v_p - o_i||^2 by expansion, clamped at 0: (B, Hkv, G', W, n) (a new tensor)."""
+def dist2(t: Terms) -> Tensor:
+    """||v_p - o_i||^2 by expansion, clamped at 0: (B, Hkv, G', W, n) (a new tensor); a building block
+    for scores, like `reduce_term`."""
     return torch.add(t.v2 + t.o2, t.vo, alpha=-2.0).clamp_min_(0.0)
 
 
@@ -356,7 +357,7 @@ def caote(inp: ScoreInputs) -> Tensor:
     t = inp.terms
     one_minus = 1.0 - t.A
     ratio = torch.where(one_minus > 0, t.A / one_minus.clamp_min(torch.finfo(t.A.dtype).tiny), 0.0)
-    return _reduce(inp, ratio * _dist2(t).sqrt())
+    return _reduce(inp, ratio * dist2(t).sqrt())
 
 
 CHUNK_ELEMENTS = 1 << 21

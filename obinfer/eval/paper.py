@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +90,11 @@ def _by_sample(rows: Rows, tasks: dict[int, list[str]] | None) -> dict[tuple, di
         ratio = round(float(r["ratio"]), 6)
         out[(r["mode"], length)][r["press"]][ratio][(r["task"], int(r["index"]))] = float(r["score"])
     return out
+
+
+def _sample_sets(presses: dict[str, dict]) -> list[set[tuple]]:
+    """The (task, index) samples of each (press, ratio) of one `_by_sample` entry."""
+    return [set(by_key) for by_ratio in presses.values() for by_key in by_ratio.values()]
 
 
 def _strata(keys: Sequence[tuple], values: dict[tuple, float]) -> list[list[float]]:
@@ -203,13 +208,11 @@ def ablation_cells(
     out = []
     for f in families:
         names = {variant_name(f, s) for s in scores}
-        seen: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-        for r in rows:
-            if r["press"] in names and not row_budget(r):
-                seen[(r["mode"], int(r["length"]))][r["press"]].add((r["task"], int(r["index"])))
-        common = {ml: set.intersection(*by.values()) for ml, by in seen.items()}
-        sub = [r for r in rows if r["press"] in names and not row_budget(r)
-               and (r["task"], int(r["index"])) in common[(r["mode"], int(r["length"]))]]  # fmt: skip
+        mine = [r for r in rows if r["press"] in names]
+        common = {ml: set.intersection(*_sample_sets(p)) for ml, p in _by_sample(mine, tasks).items()}
+        sub = [
+            r for r in mine if (r["task"], int(r["index"])) in common.get((r["mode"], int(r["length"])), ())
+        ]
         pairs = [(variant_name(f, s), f) for s in scores if s != "attn"]
         out += [c for c in compare(sub, pairs, tasks, n_boot, seed) if c.ratio == "all"]
     return out
@@ -236,6 +239,12 @@ def _ci(c: Cell) -> str:
     return f"**{text}**" if c.lo > 0 or c.hi < 0 else text
 
 
+def _n_text(cells: Iterable[Cell]) -> str:
+    """The cells' sample count: "30", or its range "5-30"."""
+    ns = sorted({c.n for c in cells})
+    return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
 def _col(mode: str, ratio: float | str) -> str:
     return f"{mode} {ratio:g}" if not isinstance(ratio, str) else f"{mode} mean"
 
@@ -249,8 +258,7 @@ def format_paper_table(cells: Sequence[Cell], title: str = "") -> str:
         cols = sorted({(c.mode, c.ratio) for c in cs}, key=lambda mr: (mr[0], isinstance(mr[1], str), mr[1]))
         at = {(c.baseline, c.variant, c.mode, c.ratio): c for c in cs}
         pairs = list(dict.fromkeys((c.baseline, c.variant) for c in cs))
-        ns = sorted({c.n for c in cs})
-        n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        n_text = _n_text(cs)
         lines = [
             f"{title}length {length}, accuracy % (n = {n_text} samples per cell); "
             "difference = variant - baseline, paired 95% CI, bold where it excludes 0",
@@ -286,8 +294,7 @@ def format_ablation(cells: Sequence[Cell], title: str = "") -> str:
     for length in sorted({c.length for c in cells}):
         cs = [c for c in cells if c.length == length]
         scores = [s for s in ABLATION_SCORES if any(press_name(c.variant).score == s for c in cs)]
-        ns = sorted({c.n for c in cs})
-        n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        n_text = _n_text(cs)
         lines = [
             f"{title}length {length}, accuracy % pooled over the ratios, and the difference to attn "
             f"(paired 95% CI, bold where it excludes 0); n = {n_text} samples per cell, those every score "
@@ -357,8 +364,7 @@ def format_task_summary(
         if not cells:
             continue
         fams = [f for f in families if any(k[2] == f for k in cells)]
-        ns = sorted({c.n for c in cells.values()})
-        n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        n_text = _n_text(cells.values())
         lines = [
             f"Per task, length {length}: accuracy % pooled over the ratios, baseline -> {score} variant, and "
             f"the difference (paired 95% CI, bold where it excludes 0); n = {n_text} samples per cell",
@@ -382,7 +388,7 @@ def format_common(rows: Rows, tasks: dict[int, list[str]]) -> str:
     (the plain accuracy table says it all). For a grid read with a smaller ablation of other presses."""
     parts = []
     for (mode, length), presses in sorted(_by_sample(rows, tasks).items()):
-        sets = [set(by_key) for by_ratio in presses.values() for by_key in by_ratio.values()]
+        sets = _sample_sets(presses)
         if all(k == sets[0] for k in sets):
             continue
         common = set.intersection(*sets)
