@@ -525,3 +525,61 @@ def test_an_archived_run_reports_and_resumes(tmp_path, capsys):
     (bad / results.ARCHIVE_FILE).write_bytes(b"not gzip at all")
     assert cli.main(["report", str(bad), "--no-plots"]) != 0
     _one_line_error(capsys, "results.jsonl.gz", "not a readable gzip file")
+
+
+# ------------------------------------------------------------------ tagged methods (@chunkN)
+def test_a_chunked_run_reads_beside_the_one_shot_run(tmp_path):
+    """`obinfer report GRID CHUNKED`: the chunked run's rows (``prefill_chunk`` set) are their own
+    methods, ``<press>@chunkN``, not answers to the grid's result keys; they are compared with the
+    one-shot press and with their own attn baseline, each pair on the samples both answered."""
+    grid = _rows()
+    chunked = []
+    for r in _rows():
+        if r["press"] == "full":
+            continue
+        flipped = r["task"] == "niah_single_1" and r["index"] == 1  # a different answer than the grid's
+        chunked.append({**r, "prefill_chunk": 512, "score": 1.0 - r["score"] if flipped else r["score"]})
+    _write(tmp_path / "grid" / "results.jsonl", grid)
+    _write(tmp_path / "chunked" / "results.jsonl", chunked)
+    scan = results.scan_runs([tmp_path / "grid", tmp_path / "chunked"])
+    assert sorted({r["press"] for r in scan.rows}) == [
+        "full",
+        "snapkv",
+        "snapkv-obk",
+        "snapkv-obk@chunk512",
+        "snapkv@chunk512",
+    ]
+    assert len(scan.rows) == len(grid) + len(chunked)
+    comps = report.compare_variants(scan.rows, n_boot=200, seed=1)
+    pairs = {(c["variant"], c["baseline"]) for c in comps}
+    assert pairs == {
+        ("snapkv-obk", "snapkv"),
+        ("snapkv@chunk512", "snapkv"),
+        ("snapkv-obk@chunk512", "snapkv@chunk512"),
+        ("snapkv-obk@chunk512", "snapkv-obk"),
+    }
+    for c in comps:
+        if c["ratio"] == "all":
+            continue
+        by = {(r["press"], r["ratio"], r["task"], r["index"]): r["score"] for r in scan.rows}
+        a = [by[(c["variant"], c["ratio"], *SAMPLES[i][:2])] for i in range(3)]
+        b = [by[(c["baseline"], c["ratio"], *SAMPLES[i][:2])] for i in range(3)]
+        assert c["diff"] == pytest.approx(100 * (sum(a) - sum(b)) / 3) and c["n"] == 3  # paired per sample
+    text, _ = report.make_report([tmp_path / "grid", tmp_path / "chunked"], plots=False, n_boot=50)
+    names = [line.split()[0] for line in text.splitlines() if line.split() and "snapkv" in line.split()[0]]
+    assert names[:4] == ["snapkv", "snapkv@chunk512", "snapkv-obk", "snapkv-obk@chunk512"]
+    alone, _ = report.make_report(tmp_path / "chunked", plots=False, n_boot=50)
+    assert "snapkv@chunk512" in alone and "snapkv-obk@chunk512" in alone
+
+
+def test_method_tags_and_bad_chunk_rows():
+    row = {"task": "vt", "length": 10, "index": 0, "press": "snapkv-obk", "ratio": 0.5, "mode": "aware",
+           "score": 1.0}  # fmt: skip
+    assert results.method_name(row) == "snapkv-obk"
+    assert results.method_name({**row, "prefill_chunk": 64}) == "snapkv-obk@chunk64"
+    assert results.split_method("snapkv-obk@chunk64") == ("snapkv-obk", "@chunk64")
+    assert results.press_name("snapkv-obk@chunk64").family == "snapkv"
+    assert results.row_problem(row) is None and results.row_problem({**row, "prefill_chunk": 8}) is None
+    for bad in (0, -1, 1.5, "8", True):
+        assert results.row_problem({**row, "prefill_chunk": bad}) == "prefill_chunk must be an integer >= 1"
+    assert results.row_problem({**row, "press": "snapkv@chunk8"}) == "'snapkv@chunk8' is not a press name"

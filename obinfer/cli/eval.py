@@ -248,7 +248,8 @@ def _add_eval(sub: Any) -> None:
         type=int,
         metavar="N",
         help="block-wise prefill: N tokens per block, every layer compressed to the press's budget after "
-        "each block (bounded memory; each press prefills on its own). Write to its own --out",
+        "each block (bounded memory; each press prefills on its own). Write to its own --out; `obinfer "
+        "report ONE_SHOT CHUNKED` shows these presses as PRESS@chunkN beside the one-shot ones",
     )
     e.add_argument(
         "--max-new-tokens",

@@ -44,6 +44,7 @@ from obinfer.eval.results import (
     press_name,
     row_budget,
     scan_runs,
+    split_method,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,15 @@ class ReportError(EvalError):
 # ------------------------------------------------------------------------------------------ names
 def press_order(names: Sequence[str]) -> list[str]:
     """full first, then by policy, uniform before other allocators (adakv), baseline before its
-    obv/obk/obkv variants."""
+    obv/obk/obkv variants; a press before its query-source or layer-budget variants (laq-, pyramid-)
+    and before its tagged methods (@chunkN); ties by name."""
     scores = list(SCORE_STYLES)
 
     def key(name: str) -> tuple:
-        p = press_name(name)
+        p, (press, tag) = press_name(name), split_method(name)
         rank = scores.index(p.score) if p.score in scores else len(scores)
-        return (not p.is_full, p.policy, p.allocator != DEFAULT_ALLOCATOR, p.allocator, rank, p.score)
+        return (not p.is_full, p.policy, p.allocator != DEFAULT_ALLOCATOR, p.allocator, rank, p.score,
+                press != p.base, tag, name)  # fmt: skip
 
     return sorted(set(names), key=key)
 
@@ -253,12 +256,14 @@ def compare_variants(
             by_press = {p: _scores_by_sample(d) for p, d in presses.items()}
             todo = []
             for variant in press_order(list(presses)):
-                p = press_name(variant)
+                p, (press, tag) = press_name(variant), split_method(variant)
                 # an OBCache score against its attn family; a query source or layer budget (laq-,
-                # pyramid-, epi-) against the press without it (PressName.base)
-                bases = [p.family] if p.score != "attn" else []
-                bases += [p.base] if p.base != variant else []
+                # pyramid-, epi-) against the press without it (PressName.base); both with the
+                # same tag (@chunkN); a tagged method against its press run one-shot
+                bases = [p.family + tag] if p.score != "attn" else []
+                bases += [p.base + tag] if p.base != press else []
                 todo += [(variant, base) for base in (bases if not p.is_full else [])]
+                todo += [(variant, press)] if tag else []
             todo += [pair for pair in pairs if pair not in todo]
             for variant, base in todo:
                 if variant in by_press and base in by_press:

@@ -15,6 +15,7 @@ unusable lines, naming them (:func:`scan_results`), or refuse them with ``strict
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import logging
@@ -41,6 +42,8 @@ RUN_KEYS = ("model", "dtype", "seed", "chat", "press_opts")  # run.json entries 
 RESULT_FIELDS = ("task", "length", "index", "press", "ratio", "mode", "score")
 SHARD_DIR = "shards"  # <out>/shards/rank00001-of-00004.jsonl: one results file per rank of a torchrun job
 SHARD_GLOB = "rank*-of-*.jsonl"
+METHOD_SEP = "@"  # a report's method name: <press>[@<tag>] (method_name)
+CHUNK_TAG = METHOD_SEP + "chunk"
 
 Rows = list[dict[str, Any]]
 logger = logging.getLogger(__name__)
@@ -118,8 +121,25 @@ def final_rows(rows: Iterable[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 
 @cache
 def press_name(name: str) -> PressName:
-    """The parsed press name of a results row (parsed once per name; the shape only, see PressName)."""
-    return PressName.parse(name, check=False)
+    """The parsed press name of a results row or of a report's method (:func:`method_name`; its
+    ``@`` tag is not part of the press), parsed once per name; the shape only, see PressName."""
+    return PressName.parse(split_method(name)[0], check=False)
+
+
+def method_name(row: dict[str, Any]) -> str:
+    """The name a report gives a row's method: its press, tagged ``@chunkN`` when the row was made
+    with a block-wise prefill (``obinfer eval --prefill-chunk N``), so that such a run reads beside a
+    one-shot run of the same presses (``obinfer report GRID CHUNKED``) as other methods, compared
+    with them, instead of colliding with their rows."""
+    chunk = row.get("prefill_chunk")
+    return f"{row['press']}{CHUNK_TAG}{chunk}" if chunk else row["press"]
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """A method name -> (press name, tag): "snapkv@chunk512" -> ("snapkv", "@chunk512"); an untagged
+    name -> (name, "")."""
+    press, sep, tag = name.partition(METHOD_SEP)
+    return press, sep + tag
 
 
 def row_problem(row: Any) -> str | None:
@@ -143,12 +163,17 @@ def row_problem(row: Any) -> str | None:
     budget = row.get("budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         return "budget must be an integer >= 0"
+    chunk = row.get("prefill_chunk")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        return "prefill_chunk must be an integer >= 1"
     cap, new = row.get("cap"), row.get("new_tokens")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         return "cap must be an integer >= 1"
     if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 0):
         return "new_tokens must be an integer >= 0"
     try:
+        if METHOD_SEP in row["press"]:
+            raise PressError(row["press"])
         press_name(row["press"])
     except PressError:
         return f"{row['press']!r} is not a press name"
@@ -309,11 +334,12 @@ def scan_runs(paths: Sequence[Path | str]) -> ResultsScan:
     dtype, seed, chat setting or press options: their sample i or their numerics differ, so pairing
     them would compare unlike things), hold rows of different models, or answer the same result key
     differently (unless one answer redoes the other with a larger cap: :func:`supersedes`, and then it
-    is the one kept). The scan's path is the first one's.
+    is the one kept). The scan's path is the first one's. Each row's ``press`` is its
+    :func:`method_name` (a block-wise prefill's rows are ``<press>@chunkN``), as reports show it.
     """
     if not paths:
         raise ResultsError("no results directory given")
-    scans = [scan_results_dir(p) for p in paths]
+    scans = [_named_methods(scan_results_dir(p)) for p in paths]
     if len(scans) == 1:
         return scans[0]
     _check_same_run(paths, scans)
@@ -333,6 +359,12 @@ def scan_runs(paths: Sequence[Path | str]) -> ResultsScan:
     rows = [row for _, row in seen.values()]
     bad = [BadLine(b.line, b.offset, b.reason, b.path or scan.path) for scan in scans for b in scan.bad]
     return ResultsScan(scans[0].path, rows, bad, 0, b"")
+
+
+def _named_methods(scan: ResultsScan) -> ResultsScan:
+    """`scan` with each row's press replaced by its :func:`method_name` (rows copied where it differs)."""
+    rows = [r if method_name(r) == r["press"] else {**r, "press": method_name(r)} for r in scan.rows]
+    return dataclasses.replace(scan, rows=rows)
 
 
 def _answer(row: dict[str, Any]) -> tuple[Any, float]:
