@@ -229,6 +229,21 @@ def test_peak_kv_is_flat_in_the_prompt_length():
     assert peaks[300, None] < peaks[600, None] < peaks[1200, None]
 
 
+def test_bytes_before_the_press_are_the_one_shot_figure(model):
+    """A chunked prefill never holds the whole prompt; its "before" bytes are what a one-shot prefill
+    held, so that kept / before is the press's ratio either way (stats and eval rows)."""
+    prompt = tokens(150, seed=4)
+    for name in ("snapkv-obk", "adakv-snapkv", "h2o", "laq-snapkv"):
+        one, chunked = GenStats(), GenStats()
+        run(model, make_press(name, compression_ratio=0.5), [prompt], None, n_new=1, stats=one)
+        run(model, make_press(name, compression_ratio=0.5), [prompt], 40, n_new=1, stats=chunked)
+        assert chunked.cache_bytes_full == one.cache_bytes_full > 0, name
+        assert chunked.cache_bytes_kept == one.cache_bytes_kept == one.cache_bytes_full // 2, name
+        assert chunked.cache_bytes_kept < chunked.cache_bytes_peak, name
+        if name != "laq-snapkv":  # (LAQ's peak adds the compressed copy it decodes its lookahead on)
+            assert chunked.cache_bytes_peak < chunked.cache_bytes_full, name
+
+
 def test_errors(model):
     with pytest.raises(GenerationError, match="prefill_chunk must be an integer >= 1"):
         stream(model, [[5, 6]], prefill_chunk=0)

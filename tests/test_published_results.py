@@ -8,7 +8,9 @@ A published block is marked in the Markdown source::
     <!-- end report -->
 
 and this test runs that report (without plots) and finds each block's text in its output. A command may
-name several results files (a grid and its ablation on the same samples, read as one run).
+name several results files (a grid and its ablation on the same samples, read as one run), and mark
+several blocks (pieces of one report). A block of the report's plain-text lines (not Markdown tables)
+sits in a code fence inside the markers; the fence is not part of the text compared.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ BLOCK = re.compile(
 
 
 def _blocks() -> list[tuple[str, str]]:
-    return [(m["cmd"], m["body"]) for m in BLOCK.finditer(DOC.read_text(encoding="utf-8"))]
+    return [(m["cmd"], _unfenced(m["body"])) for m in BLOCK.finditer(DOC.read_text(encoding="utf-8"))]
+
+
+def _unfenced(body: str) -> str:
+    """A block's text without the code fence around it, if it has one."""
+    lines = body.strip().splitlines()
+    if len(lines) >= 2 and lines[0].startswith("```") and lines[-1] == "```":
+        return "\n".join(lines[1:-1])
+    return body
 
 
 def _report(cmd: str) -> str:

@@ -369,7 +369,9 @@ class PressRun:
         stats: updated after every layer (scoring_s, compact_s, observed_queries), or None.
         scoring_s: time spent scoring and choosing the kept slots (prefill and decode).
         compact_s: time spent compacting the cache (gathering the kept K/V).
-        bytes_before: K/V bytes of the layers just before their compression.
+        bytes_before: K/V bytes of the layers just before their compression; after a chunked prefill,
+            which never holds the whole prompt, the bytes a one-shot prefill of it would (so that kept /
+            before is the press's ratio either way; `peak_bytes` is what the chunked prefill held).
         observed_queries: prompt queries that scored the keys (see GenStats.observed_queries): e.g.
             snapkv's window, or fewer when the prompt is not longer than the window; None until a layer
             is scored.
@@ -680,7 +682,11 @@ class PressRun:
                 self.compress_lookahead(cache, logits, rec_q, rec_pos)
         finally:
             self._target_n = None
-        self.bytes_before = 0  # no moment holds the whole prompt: see peak_bytes
+        # never held (see peak_bytes): the whole prompt's K/V, T slots per row and KV head in every layer
+        self.bytes_before = T * sum(
+            L.n_segments * (L.k.shape[1] * L.k.element_size() + L.v.shape[1] * L.v.element_size())
+            for L in cache.layers
+        )
         return logits
 
     def compress_lookahead(
