@@ -169,6 +169,15 @@ def test_every_press_on_the_samples_all_answered():
         accs = [_acc(common, press, "aware", r, tasks[4096]) for r in RATIOS]
         assert row[1:] == [f"{a:.1f}" for a in accs] + [f"{sum(accs) / len(accs):.1f}"]
     assert "Every press on the samples all of them answered" in paper.paper_report(few, n_boot=50)
+    assert "for the presses run at all of them" not in text
+    # a press run at only some of the ratios (a smaller check): its cells, but no mean beside the others'
+    some = few + [{**r, "press": "knorm"} for r in rows if r["press"] == "snapkv" and r["ratio"] == RATIOS[0]]
+    text = paper.format_common(some, tasks)
+    assert text.count("mean = pooled over the ratios, for the presses run at all of them") == 2
+    row = next(x for x in text.splitlines() if x.startswith("| knorm |")).strip("| ").split(" | ")
+    accs = [_acc(common, "snapkv", "agnostic", RATIOS[0], tasks[4096])]
+    assert row[1:] == [f"{accs[0]:.1f}"] + ["-"] * (len(RATIOS) - 1) + ["-"]
+    assert next(x for x in text.splitlines() if x.startswith("| snapkv |")).split(" | ")[-1] != "- |"
 
 
 def test_make_report_paper_text_and_plots(tmp_path):

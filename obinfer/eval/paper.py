@@ -397,9 +397,12 @@ def format_common(rows: Rows, tasks: dict[int, list[str]]) -> str:
             continue
         keys = sorted(common)
         ratios = sorted({r for by_ratio in presses.values() for r in by_ratio if r > 0})
+        # a press run at only some of the ratios (a smaller check) gets no mean: it would not compare
+        partial = any(p != FULL_NAME and set(ratios) - set(by_ratio) for p, by_ratio in presses.items())
         lines = [
             f"Every press on the samples all of them answered, {mode}, length {length}: accuracy % "
-            f"(n = {len(keys)} samples per cell; mean = pooled over the ratios)",
+            f"(n = {len(keys)} samples per cell; mean = pooled over the ratios"
+            + (", for the presses run at all of them)" if partial else ")"),
             "",
             "| press | " + " | ".join(f"{r:g}" for r in ratios) + " | mean |",
             "|---|" + "---:|" * (len(ratios) + 1),
@@ -409,8 +412,9 @@ def format_common(rows: Rows, tasks: dict[int, list[str]]) -> str:
             by_ratio = presses[press]
             acc = {r: _task_mean(keys, by_ratio[r]) for r in by_ratio}
             cells = [f"{acc[r]:.1f}" if r in acc else "-" for r in ratios]
-            mean = sum(acc.values()) / len(acc)
-            lines.append(f"| {press} | " + " | ".join(cells) + f" | {mean:.1f} |")
+            whole = press == FULL_NAME or not set(ratios) - set(acc)
+            mean = f"{sum(acc.values()) / len(acc):.1f}" if whole else "-"
+            lines.append(f"| {press} | " + " | ".join(cells) + f" | {mean} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
 
