@@ -558,10 +558,10 @@ def test_a_chunked_run_reads_beside_the_one_shot_run(tmp_path):
         ("snapkv-obk@chunk512", "snapkv@chunk512"),
         ("snapkv-obk@chunk512", "snapkv-obk"),
     }
+    by = {(r["press"], r["ratio"], r["task"], r["index"]): r["score"] for r in scan.rows}
     for c in comps:
         if c["ratio"] == "all":
             continue
-        by = {(r["press"], r["ratio"], r["task"], r["index"]): r["score"] for r in scan.rows}
         a = [by[(c["variant"], c["ratio"], *SAMPLES[i][:2])] for i in range(3)]
         b = [by[(c["baseline"], c["ratio"], *SAMPLES[i][:2])] for i in range(3)]
         assert c["diff"] == pytest.approx(100 * (sum(a) - sum(b)) / 3) and c["n"] == 3  # paired per sample

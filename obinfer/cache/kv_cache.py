@@ -222,7 +222,12 @@ class LayerCache:
 
     def nbytes(self) -> int:
         """Bytes allocated for K and V (the buffers' full capacity)."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return self.k.shape[0] * self.slot_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        """K and V bytes of one slot (one token of one KV head)."""
+        return self.k.shape[1] * self.k.element_size() + self.v.shape[1] * self.v.element_size()
 
     # ----------------------------------------------------------------------------- layout helpers
     # The only places that tell the uniform layout from the ragged one. The ragged versions are one

@@ -683,10 +683,7 @@ class PressRun:
         finally:
             self._target_n = None
         # never held (see peak_bytes): the whole prompt's K/V, T slots per row and KV head in every layer
-        self.bytes_before = T * sum(
-            L.n_segments * (L.k.shape[1] * L.k.element_size() + L.v.shape[1] * L.v.element_size())
-            for L in cache.layers
-        )
+        self.bytes_before = T * sum(L.n_segments * L.slot_bytes for L in cache.layers)
         return logits
 
     def compress_lookahead(

@@ -160,17 +160,10 @@ def row_problem(row: Any) -> str | None:
         int(row["length"]), int(row["index"])
     except (TypeError, ValueError, OverflowError):
         return "length, index, ratio, score and depth must be numbers"
-    budget = row.get("budget")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-        return "budget must be an integer >= 0"
-    chunk = row.get("prefill_chunk")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        return "prefill_chunk must be an integer >= 1"
-    cap, new = row.get("cap"), row.get("new_tokens")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        return "cap must be an integer >= 1"
-    if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 0):
-        return "new_tokens must be an integer >= 0"
+    for field, least in (("budget", 0), ("prefill_chunk", 1), ("cap", 1), ("new_tokens", 0)):
+        v = row.get(field)  # optional integer fields
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            return f"{field} must be an integer >= {least}"
     try:
         if METHOD_SEP in row["press"]:
             raise PressError(row["press"])
@@ -363,7 +356,7 @@ def scan_runs(paths: Sequence[Path | str]) -> ResultsScan:
 
 def _named_methods(scan: ResultsScan) -> ResultsScan:
     """`scan` with each row's press replaced by its :func:`method_name` (rows copied where it differs)."""
-    rows = [r if method_name(r) == r["press"] else {**r, "press": method_name(r)} for r in scan.rows]
+    rows = [r if (m := method_name(r)) == r["press"] else {**r, "press": m} for r in scan.rows]
     return dataclasses.replace(scan, rows=rows)
 
 
