@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from obinfer.cache import attention
 from obinfer.cache.kv_cache import KVCache, LayerCache
 from obinfer.config import ModelConfig
+from obinfer.models.linear import Linear
 
 # observer(layer_idx, q (B, Hq, T, D) after RoPE, q_pos (B, T), layer_cache) -> None
 Observer = Callable[[int, Tensor, Tensor, LayerCache], None]
@@ -106,10 +107,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         C, D, bias = cfg.hidden_size, cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(C, cfg.n_heads * D, bias=bias)
-        self.k_proj = nn.Linear(C, cfg.n_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(C, cfg.n_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(cfg.n_heads * D, C, bias=False)
+        self.q_proj = Linear(C, cfg.n_heads * D, bias=bias)
+        self.k_proj = Linear(C, cfg.n_kv_heads * D, bias=bias)
+        self.v_proj = Linear(C, cfg.n_kv_heads * D, bias=bias)
+        self.o_proj = Linear(cfg.n_heads * D, C, bias=False)
 
     def forward(
         self,
@@ -146,9 +147,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, F_, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(C, F_, bias=bias)
-        self.up_proj = nn.Linear(C, F_, bias=bias)
-        self.down_proj = nn.Linear(F_, C, bias=bias)
+        self.gate_proj = Linear(C, F_, bias=bias)
+        self.up_proj = Linear(C, F_, bias=bias)
+        self.down_proj = Linear(F_, C, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -191,7 +192,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
