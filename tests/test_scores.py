@@ -352,6 +352,25 @@ def test_visibility_of_ordered_slots(q_pos, first):
         torch.testing.assert_close(get_score(name)(inp), reference(name, inp).float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_attention_equals_masked_softmax_for_any_slot_order(seed):
+    """A from positions alone (which slots some query cannot see, which queries see nothing) equals the
+    softmax over the `visible` mask, for shuffled slots, invalid slots and padding queries."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, W, n, D = 2, 4, 2, 5, 12, 8
+    k_pos = torch.stack([torch.randperm(n, generator=g) + 3 for _ in range(B * Hkv)]).view(B, Hkv, n)
+    k_pos[torch.rand(B, Hkv, n, generator=g) < 0.2] = -1
+    if seed == 0:
+        k_pos[1, 0] = -1  # a head with no valid slot
+    q_pos = torch.randint(0, n + 6, (B, W), generator=g)
+    q_pos[torch.rand(B, W, generator=g) < 0.2] = -1
+    inp = ScoreInputs(torch.randn(B, Hq, W, D, generator=g), torch.randn(B, Hkv, n, D, generator=g),
+                      torch.randn(B, Hkv, n, D, generator=g), q_pos, k_pos)  # fmt: skip
+    vis = inp.visible[:, :, None]  # (B, Hkv, 1, W, n)
+    ref = torch.softmax(inp._zraw.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
+    torch.testing.assert_close(inp._Ag, ref.expand_as(inp._Ag))
+
+
 @pytest.mark.parametrize("name", SCORE_NAMES)
 def test_chunked_causal_prefix_equals_unchunked(name, monkeypatch):
     """H2O's layout (every query of a prefill, the slots its positions): chunks of any size, fixed or

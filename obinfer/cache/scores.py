@@ -164,20 +164,29 @@ class ScoreInputs:
         then one pass over the logits, and no masked copy of them is made. When every query sees every
         slot (a decoding step) there is nothing to mask.
         """
-        z, vis = self._zraw, self.visible
+        z, kp, qp = self._zraw, self.k_pos, self.q_pos
         n = z.shape[-1]
-        blind = torch.nonzero((~vis.all(2)).flatten(0, 1).any(0))  # slots that some query cannot see
+        if n == 0 or qp.shape[-1] == 0:
+            return torch.softmax(z, dim=-1)
+        # slot p is hidden from some query of its row iff it is invalid or after the row's first query
+        # (a padding query, position < 0, sees nothing): O(n) from positions, not the (W, n) mask
+        blind = torch.nonzero(((kp < 0) | (kp > qp.amin(-1)[:, None, None])).flatten(0, 1).any(0))
         j0 = int(blind[0, 0]) if len(blind) else n
         if j0 == n:  # every query sees every (valid) slot
             return torch.softmax(z, dim=-1)
+        kt = kp[:, :, None, j0:]  # (B, Hkv, 1, n - j0)
+        vis = (kt >= 0) & (kt <= qp[:, None, :, None])  # `visible`, on the tail only
         tail = z[..., j0:]
         saved = tail.clone()
         try:
-            tail.add_(torch.where(vis[..., j0:], 0.0, float("-inf"))[:, :, None])
+            tail.add_(torch.where(vis, 0.0, float("-inf"))[:, :, None])
             A = torch.softmax(z, dim=-1)
         finally:
             tail.copy_(saved)
-        sees = vis.any(-1)  # (B, Hkv, W); a query that sees nothing (padding) has a row of NaN
+        # (B, Hkv, W): query i sees a slot iff some valid slot is not after it; one that sees nothing
+        # (padding) has a row of NaN
+        first = kp.masked_fill(kp < 0, torch.iinfo(kp.dtype).max).amin(-1)  # (B, Hkv) earliest valid slot
+        sees = qp[:, None, :] >= first[..., None]
         if not bool(sees.all()):
             A.masked_fill_(~sees[:, :, None, :, None], 0.0)
         return A
