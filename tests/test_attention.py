@@ -205,6 +205,38 @@ def test_ragged_decode_reads_only_its_segments():
     assert torch.equal(attention.attend(layer, q, 1), before)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_long_float32_segments_split_over_threads_match_reference(threads, monkeypatch):
+    """With several threads, float32 ragged decoding multiplies each long segment in `threads` parts
+    (`_split_segment`, overlapping windows when the length does not divide): still the reference, and
+    still nothing outside the segments is read (NaN / inf in the spare capacity change nothing)."""
+    g = torch.Generator().manual_seed(34)
+    cache = KVCache.empty(1, B, H, D)
+    layer = cache.layers[0]
+    n0 = 600
+    layer.append(torch.randn(B, H, n0, D, generator=g), torch.randn(B, H, n0, D, generator=g),
+                 cache.next_positions(n0))  # fmt: skip
+    sizes = [300, 257, 513, 256, 400, 301]  # some divisible by 2 or 3, some not
+    layer.keep([torch.randperm(n0, generator=g)[:m].sort().values for m in sizes])
+    _append_random(cache, 1, g, torch.float32)  # reallocates: spare capacity after every segment
+    in_use = torch.zeros(layer.k.shape[0], dtype=torch.bool)
+    for s, L in zip(layer.start, layer.length, strict=True):
+        in_use[s : s + L + 1] = True  # + the slot the next append writes
+    layer.k[~in_use], layer.v[~in_use] = float("nan"), float("inf")
+    calls = []
+    real = attention._split_segment
+    monkeypatch.setattr(attention, "_split_segment", lambda *a: calls.append(a[-1]) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, ref = _append_random(cache, 1, g, torch.float32)
+        out = attention._decode_segments(layer, q)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [threads] * len(sizes)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["uniform", "ragged"])
 def test_bfloat16_attends_over_the_capacity_with_spare_slots_masked(layout, monkeypatch):
     """On CPU in bfloat16 the decode and question paths multiply over each segment's capacity (a

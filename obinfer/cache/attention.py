@@ -33,7 +33,9 @@ Three paths, picked from the layout; they compute the same function:
         slots, stored without padding one after another in the flat buffers; each (row, KV head)
         segment is attended on its own slots, a view of the buffers (nothing is copied or padded):
         - T = 1 and no pad slot: `_decode_segments`, two small matmuls per segment, no mask; a run of
-          neighbouring segments with one span and capacity (`_runs`) is one batched matmul;
+          neighbouring segments with one span and capacity (`_runs`) is one batched matmul; in float32
+          with several threads a long segment is split into one part per thread (`_split_segment`),
+          because a one-segment product would run on one thread;
         - otherwise: `_attend_segments`, one SDPA call per segment with its `_visibility` mask.
         Neither reads the device (segment bounds are host ints). Why not one vectorized pass: a pass
         over the whole layer must either copy the segments into a padded (B, Hkv, S_max, D) block or
@@ -125,9 +127,13 @@ def _decode_segments(layer: LayerCache, q: Tensor) -> Tensor:
     if q.dtype == torch.float32:  # scale the G x D queries, not the G x S logits (same float32 rounding)
         qs, scale = qs * scale, 1.0
     spans = layer.cap if _stable_shapes(layer.k) else layer.length  # slots multiplied (`_stable_shapes`)
+    P = _split_parts(layer.k)
     outs = []
     for i, j in _runs(layer.start, layer.cap, spans):
         s, n, lengths = layer.start[i], spans[i], layer.length[i:j]
+        if j == i + 1 and P > 1 and n >= SPLIT_MIN_SLOTS:  # float32: one segment's slots in P parts
+            outs.append(_split_segment(qs[i], layer.k[s : s + n], layer.v[s : s + n], P)[None])
+            continue
         if j == i + 1:
             logits = torch.mm(qs[i], layer.k[s : s + n].T)[None]  # (1, G, n)
         else:  # segments i..j-1 as one (j - i, n, D) strided view
@@ -147,6 +153,39 @@ def _decode_segments(layer: LayerCache, q: Tensor) -> Tensor:
             v = layer.v[s : s + (j - i) * layer.cap[i]].view(j - i, layer.cap[i], D)[:, :n]
             outs.append(torch.bmm(w, v))  # (j - i, G, D)
     return torch.cat(outs).view(B, Hq, 1, D)
+
+
+SPLIT_MIN_SLOTS = 256  # a shorter segment is multiplied whole (the split's extra calls cost more)
+
+
+def _split_parts(buf: Tensor) -> int:
+    """Parts a long ragged segment's decode matmuls are split into (1: not split): the thread count for
+    float32 on CPU, whose one-segment matmuls run on one thread (see `_split_segment`)."""
+    if buf.device.type != "cpu" or buf.dtype != torch.float32:
+        return 1
+    return torch.get_num_threads()
+
+
+def _split_segment(qs: Tensor, k: Tensor, v: Tensor, P: int) -> Tensor:
+    """One segment's decode attention with its n slots in P parts, each matmul one P-batch `bmm`.
+
+    torch's CPU float32 product of a few query rows by one segment's keys runs on one thread (like a
+    one-row linear layer: obinfer/models/linear.py), while a batched product spreads its batch over the
+    threads; the uniform path's (B, Hkv) batch gets that for free, a ragged segment needs the split.
+    Part p is the strided window of slots [p m, p m + m + r), m = n // P, r = n % P: the windows cover
+    the segment exactly (nothing outside it is read) and overlap by r slots, which are masked in all but
+    the last window. qs: (G, D) scaled queries; k, v: (n, D) the segment's slots. Returns (G, D).
+    """
+    G, D = qs.shape
+    n = k.shape[0]
+    m, r = divmod(n, P)
+    size, stride = (P, m + r, D), (m * k.stride(0), k.stride(0), k.stride(1))
+    kw, vw = k.as_strided(size, stride), v.as_strided(size, stride)  # (P, m + r, D) windows, views
+    logits = torch.bmm(qs.expand(P, G, D), kw.transpose(1, 2))  # (P, G, m + r)
+    if r:
+        logits[:-1, :, m:] = -math.inf  # the overlap, counted in the last window only
+    w = torch.softmax(logits.transpose(0, 1).reshape(G, P * (m + r)), dim=-1)
+    return torch.bmm(w.view(G, P, m + r).transpose(0, 1), vw).sum(0)  # (G, D)
 
 
 def _runs(start: list[int], cap: list[int], span: list[int]) -> list[tuple[int, int]]:
