@@ -180,7 +180,12 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # the table is given, not initialised: on the meta device (`weights.load_model`) nn.Embedding's
+        # own init imports sympy, 1.2 s of every command's start-up
+        table = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=table)
+        if not table.is_meta:
+            nn.init.normal_(table)
         self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -195,7 +200,10 @@ class Transformer(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        inv_freq = torch.empty(cfg.head_dim // 2)  # on the meta device (loading) an empty placeholder
+        self.register_buffer(
+            "inv_freq", inv_freq if inv_freq.is_meta else rope_inv_freq(cfg), persistent=False
+        )
 
     quantization: str | None = None  # "int8" after obinfer.quantize.quantize_int8
 
