@@ -85,3 +85,17 @@ def test_bfloat16_load_peaks_below_float32_load(checkpoint):
     # bf16 weights (half the float32 ones) plus one read chunk; loading through a float32 copy of the
     # file (mapped while casting) would need 1.5 times the float32 load
     assert grew16 < 0.75 * grew32, (grew16, grew32)
+
+
+def test_loading_a_model_imports_no_symbolic_math(tiny_llama_dir):
+    """Building the model on the meta device must not run a meta op that imports sympy (torch's
+    symbolic-shape machinery, ~1.2 s of every command's start-up); the loaded model still runs."""
+    code = (
+        "import sys, torch\n"
+        "from obinfer.weights import load_model\n"
+        f"m = load_model({str(tiny_llama_dir)!r})\n"
+        "assert torch.isfinite(m.inv_freq).all() and m.inv_freq.device.type == 'cpu'\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
