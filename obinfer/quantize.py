@@ -23,12 +23,15 @@ tolerances against float32 and checks greedy answers on the real model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from obinfer.errors import UserError
 from obinfer.hardware import native_bf16
+from obinfer.models.linear import fuse_projections
 
 QUANTIZATIONS = ("int8",)
 PACKED_MAX_ROWS = 16
@@ -64,6 +67,26 @@ class Int8Linear(nn.Module):
     def from_linear(cls, lin: nn.Linear, compute_dtype: torch.dtype) -> Int8Linear:
         q, scale = quantize_rows(lin.weight)
         return cls(q, scale, lin.bias, compute_dtype)
+
+    @classmethod
+    def fuse(cls, parts: Sequence[Int8Linear]) -> Int8Linear | None:
+        """One Int8Linear whose rows are the parts' rows in order (see `obinfer.models.linear.fuse`); the
+        parts' buffers become row views of it. None when the parts differ in input size, compute dtype or
+        in having a bias."""
+        if len({(p.in_features, p.compute_dtype, p.bias is None) for p in parts}) != 1:
+            return None
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        fused = cls(
+            torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias,
+            parts[0].compute_dtype,
+        )  # fmt: skip
+        sizes = [p.out_features for p in parts]
+        for i, p in enumerate(parts):
+            p.weight, p.scale = fused.weight.split(sizes)[i], fused.scale.split(sizes)[i]
+            p.scale_c = fused.scale_c.split(sizes)[i]
+            if bias is not None:
+                p.bias = nn.Parameter(fused.bias.split(sizes)[i], requires_grad=False)
+        return fused
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight (out, in) that the int8 values and scales stand for."""
@@ -131,4 +154,4 @@ def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None) ->
     if tied:
         model.model.embed_tokens = Int8Embedding(model.lm_head, dtype)
     model.quantization = "int8"
-    return model
+    return fuse_projections(model)  # (also drops the float weights the old fused products held)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from obinfer.config import ModelConfig
 from obinfer.errors import ObinferError, UserError
+from obinfer.models.linear import fuse_projections
 from obinfer.models.llama import Transformer, rope_inv_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -239,7 +240,8 @@ def load_model(
     model.inv_freq = rope_inv_freq(cfg).to(device)
     if dtype == torch.float32 and torch.device(device).type == "cpu":
         input_major(model)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    return fuse_projections(model)
 
 
 def input_major(model: Transformer) -> Transformer:

@@ -68,3 +68,72 @@ def test_module_keeps_nn_linear_parameters_and_gradients(threads):
     x2 = x.detach().clone().requires_grad_(True)
     F.linear(x2, lin.weight.detach(), lin.bias.detach()).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- fused projections
+def _unfused_copy(model):
+    import copy
+
+    other = copy.deepcopy(model)
+    for b in other.model.layers:
+        b.self_attn.fused_qkv, b.mlp.fused_gate_up = None, None
+    return other
+
+
+def _run(model, ids):
+    with torch.inference_mode():
+        cache = model.new_cache(ids.shape[0])
+        return torch.cat([model(ids, cache), model(ids[:, :1], cache)], dim=1)  # a prefill, then a step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loaded_models_fuse_qkv_and_gate_up_without_a_second_copy(tiny_dir, dtype):
+    from obinfer.weights import load_model, read_state_dict, safetensors_files
+
+    model = load_model(tiny_dir, dtype=dtype)
+    for b in model.model.layers:
+        a, m = b.self_attn, b.mlp
+        for f, parts in (
+            (a.fused_qkv, (a.q_proj, a.k_proj, a.v_proj)),
+            (m.fused_gate_up, (m.gate_proj, m.up_proj)),
+        ):
+            w = f.op.keywords["weight"]
+            assert w.shape == (sum(p.out_features for p in parts), parts[0].in_features)
+            for p in parts:  # views into the fused storage, not copies
+                assert p.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+            if (f.op.keywords["bias"] is None) != (parts[0].bias is None):
+                raise AssertionError("bias fused inconsistently")
+    # the state dict is the checkpoint's, name for name and value for value
+    ref = read_state_dict(safetensors_files(tiny_dir), getattr(torch, dtype), "cpu")
+    sd = model.state_dict()
+    for name, t in ref.items():
+        if name in sd:
+            assert torch.equal(sd[name], t), name
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(_run(model, ids), _run(_unfused_copy(model), ids), rtol=tol, atol=tol)
+
+
+def test_int8_models_fuse_too(tiny_dir):
+    from obinfer.quantize import Int8Linear, quantize_int8
+    from obinfer.weights import load_model
+
+    model = quantize_int8(load_model(tiny_dir), compute_dtype=torch.float32)
+    a = model.model.layers[0].self_attn
+    assert isinstance(a.fused_qkv.op, Int8Linear) and a.fused_qkv.op.out_features == sum(
+        p.out_features for p in (a.q_proj, a.k_proj, a.v_proj)
+    )
+    assert a.k_proj.weight.data_ptr() == a.fused_qkv.op.weight[a.q_proj.out_features].data_ptr()
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_run(model, ids), _run(_unfused_copy(model), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_weight_is_used_not_the_stale_fused_one(tiny_llama_dir):
+    from obinfer.weights import load_model
+
+    model = load_model(tiny_llama_dir)
+    a = model.model.layers[0].self_attn
+    a.q_proj.weight = torch.nn.Parameter(torch.randn_like(a.q_proj.weight), requires_grad=False)
+    assert a.fused_qkv(torch.randn(1, 1, a.q_proj.in_features)) is None  # falls back to the parts
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_run(model, ids), _run(_unfused_copy(model), ids), rtol=1e-5, atol=1e-5)

@@ -132,8 +132,12 @@ def test_cpu_flags_and_auto_dtype(tmp_path, monkeypatch):
 
 def test_float32_cpu_weights_are_input_major_with_identical_outputs(tiny_dir):
     model = load_model(tiny_dir)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    fused = [m for b in model.model.layers for m in (b.self_attn.fused_qkv, b.mlp.fused_gate_up)]
+    parts = {id(m) for b in model.model.layers for m in (b.self_attn.q_proj, b.self_attn.k_proj,
+                                                         b.self_attn.v_proj, b.mlp.gate_proj, b.mlp.up_proj)}  # fmt: skip
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in parts]
     assert linears and all(m.weight.t().is_contiguous() for m in linears)
+    assert all(f.op.keywords["weight"].t().is_contiguous() for f in fused)  # the fused products too
     if model.cfg.tie_word_embeddings:
         assert model.model.embed_tokens.weight is model.lm_head.weight
     plain = load_model(tiny_dir)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from obinfer.cache import attention
 from obinfer.cache.kv_cache import KVCache, LayerCache
 from obinfer.config import ModelConfig
-from obinfer.models.linear import Linear
+from obinfer.models.linear import Fused, Linear
 
 # observer(layer_idx, q (B, Hq, T, D) after RoPE, q_pos (B, T), layer_cache) -> None
 Observer = Callable[[int, Tensor, Tensor, LayerCache], None]
@@ -111,6 +111,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(C, cfg.n_kv_heads * D, bias=bias)
         self.v_proj = Linear(C, cfg.n_kv_heads * D, bias=bias)
         self.o_proj = Linear(cfg.n_heads * D, C, bias=False)
+        self.fused_qkv: Fused | None = None  # q/k/v as one product (`linear.fuse_projections`)
 
     def forward(
         self,
@@ -127,10 +128,17 @@ class Attention(nn.Module):
         n_pad: the number of pad positions (-1) in pos, if known (saves the cache a device read).
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.fused_qkv(x) if self.fused_qkv is not None else None
+        if qkv is not None:  # one product, heads side by side: RoPE on the q and k heads at once
+            qkv = qkv.view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+            qk = apply_rope(qkv[:, : H + Hkv], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # (B, Hq, T, D), (B, Hkv, T, D) x 2
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, Hq, T, D)
+            k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # the cache now holds this step's T tokens as the last T slots of each head
         cache.append(k, v, pos, n_pad)
         if observe is not None:
@@ -150,8 +158,13 @@ class MLP(nn.Module):
         self.gate_proj = Linear(C, F_, bias=bias)
         self.up_proj = Linear(C, F_, bias=bias)
         self.down_proj = Linear(F_, C, bias=bias)
+        self.fused_gate_up: Fused | None = None  # gate and up as one product (`linear.fuse_projections`)
 
     def forward(self, x: Tensor) -> Tensor:
+        gu = self.fused_gate_up(x) if self.fused_gate_up is not None else None
+        if gu is not None:
+            gate, up = gu.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
