@@ -137,3 +137,17 @@ def test_a_replaced_weight_is_used_not_the_stale_fused_one(tiny_llama_dir):
     assert a.fused_qkv(torch.randn(1, 1, a.q_proj.in_features)) is None  # falls back to the parts
     ids = torch.randint(0, model.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(_run(model, ids), _run(_unfused_copy(model), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_converting_a_fused_model_fuses_the_converted_weights(tiny_dir):
+    from obinfer.weights import load_model
+
+    model = load_model(tiny_dir)
+    old = model.model.layers[0].self_attn.fused_qkv.op.keywords["weight"]
+    assert model.to(torch.bfloat16) is model
+    a = model.model.layers[0].self_attn
+    w = a.fused_qkv.op.keywords["weight"]
+    assert w.dtype == torch.bfloat16 and w.untyped_storage().data_ptr() != old.untyped_storage().data_ptr()
+    assert a.q_proj.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()  # views again
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(_run(model, ids), _run(_unfused_copy(model), ids), rtol=2e-2, atol=2e-2)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from obinfer.cache import attention
 from obinfer.cache.kv_cache import KVCache, LayerCache
 from obinfer.config import ModelConfig
-from obinfer.models.linear import Fused, Linear
+from obinfer.models.linear import Fused, Linear, fuse_projections
 
 # observer(layer_idx, q (B, Hq, T, D) after RoPE, q_pos (B, T), layer_cache) -> None
 Observer = Callable[[int, Tensor, Tensor, LayerCache], None]
@@ -228,6 +228,16 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """`.to(...)`, `.float()`, `.cuda()`, ...: the fused products (`linear.fuse_projections`) are
+        dropped first, so their old storage is not kept alive beside the converted weights, and built
+        again from the converted ones."""
+        fused = any(b.self_attn.fused_qkv or b.mlp.fused_gate_up for b in self.model.layers)
+        for b in self.model.layers:
+            b.self_attn.fused_qkv = b.mlp.fused_gate_up = None
+        out = super()._apply(fn, recurse)
+        return fuse_projections(self) if fused else out
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache.for_model(self.cfg, batch, self.dtype, self.device)
