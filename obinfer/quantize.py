@@ -81,11 +81,12 @@ class Int8Linear(nn.Module):
             parts[0].compute_dtype,
         )  # fmt: skip
         sizes = [p.out_features for p in parts]
-        for i, p in enumerate(parts):
-            p.weight, p.scale = fused.weight.split(sizes)[i], fused.scale.split(sizes)[i]
-            p.scale_c = fused.scale_c.split(sizes)[i]
-            if bias is not None:
-                p.bias = nn.Parameter(fused.bias.split(sizes)[i], requires_grad=False)
+        views = zip(*(t.split(sizes) for t in (fused.weight, fused.scale, fused.scale_c)), strict=True)
+        biases = fused.bias.split(sizes) if bias is not None else [None] * len(parts)
+        for p, (w, s, sc), b in zip(parts, views, biases, strict=True):
+            p.weight, p.scale, p.scale_c = w, s, sc
+            if b is not None:
+                p.bias = nn.Parameter(b, requires_grad=False)
         return fused
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,8 +74,6 @@ def test_module_keeps_nn_linear_parameters_and_gradients(threads):
 
 # ------------------------------------------------------------------------------- fused projections
 def _unfused_copy(model):
-    import copy
-
     other = copy.deepcopy(model)
     for b in other.model.layers:
         b.self_attn.fused_qkv, b.mlp.fused_gate_up = None, None
@@ -101,8 +101,7 @@ def test_loaded_models_fuse_qkv_and_gate_up_without_a_second_copy(tiny_dir, dtyp
             assert w.shape == (sum(p.out_features for p in parts), parts[0].in_features)
             for p in parts:  # views into the fused storage, not copies
                 assert p.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
-            if (f.op.keywords["bias"] is None) != (parts[0].bias is None):
-                raise AssertionError("bias fused inconsistently")
+            assert (f.op.keywords["bias"] is None) == (parts[0].bias is None)
     # the state dict is the checkpoint's, name for name and value for value
     ref = read_state_dict(safetensors_files(tiny_dir), getattr(torch, dtype), "cpu")
     sd = model.state_dict()

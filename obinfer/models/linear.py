@@ -103,10 +103,11 @@ def fuse(parts: Sequence[nn.Module]) -> Callable[[Tensor], Tensor] | None:
             weight = torch.cat(ws)
             views = list(weight.split(sizes))
         bias = None if bs[0] is None else torch.cat(bs)
-    for i, p in enumerate(parts):
-        p.weight = nn.Parameter(views[i], requires_grad=ws[i].requires_grad)
-        if bias is not None:
-            p.bias = nn.Parameter(bias.split(sizes)[i], requires_grad=bs[i].requires_grad)
+    biases = bias.split(sizes) if bias is not None else [None] * len(parts)
+    for p, view, b, w_old, b_old in zip(parts, views, biases, ws, bs, strict=True):
+        p.weight = nn.Parameter(view, requires_grad=w_old.requires_grad)
+        if b is not None:
+            p.bias = nn.Parameter(b, requires_grad=b_old.requires_grad)
     return functools.partial(linear, weight=weight, bias=bias)
 
 
