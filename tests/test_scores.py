@@ -11,6 +11,7 @@ import obinfer.cache.scores as scores_module
 from obinfer.cache.scores import (
     SCORES,
     ScoreInputs,
+    Scratch,
     attn,
     caote,
     get_score,
@@ -482,3 +483,42 @@ def test_bad_inputs_raise_value_error():
         )
     with pytest.raises(ValueError, match="kernel"):
         pool_scores(torch.zeros(1, 1, 4), 4)
+
+
+def test_chunks_reuse_one_scratch_for_their_big_temporaries(monkeypatch):
+    """Every chunk of a chunked pass writes its logits, attention and obk's weights into the same
+    buffers (no fresh pages per chunk), and the scores are those of bundles without scratch."""
+    n = 23
+    inp = ordered_inputs([list(range(n))], n)
+    args = (inp.q, inp.q_pos, inp.k, inp.v, inp.k_pos)
+    ptrs: list[tuple[int, int]] = []
+
+    class Recording(ScoreInputs):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            assert isinstance(self.scratch, Scratch)
+            ptrs.append((self._zraw.data_ptr(), self._Ag.data_ptr()))
+
+    monkeypatch.setattr(scores_module, "ScoreInputs", Recording)
+    got = score_queries_chunked(["attn", "obk"], *args, chunk=4, causal_prefix=True)
+    monkeypatch.undo()
+    assert len(ptrs) == 6 and len(set(ptrs)) == 1 and ptrs[0][0] != ptrs[0][1]
+    for name, total in zip(["attn", "obk"], got, strict=True):
+        fresh = torch.zeros(total.shape)
+        for s in range(0, n, 4):
+            e = min(n, s + 4)
+            q, qp = inp.q[:, :, s:e], inp.q_pos[:, s:e]
+            part = ScoreInputs(q, inp.k[:, :, :e], inp.v[:, :, :e], qp, inp.k_pos[:, :, :e])
+            assert part.scratch is None
+            fresh[..., :e] += get_score(name)(part)
+        assert torch.equal(total, fresh), name
+
+
+def test_scratch_grows_a_buffer_and_keeps_names_apart():
+    sc = Scratch(reserve=6)
+    a = sc.take("a", (2, 3), torch.device("cpu"))
+    b = sc.take("b", (1, 2), torch.device("cpu"))
+    assert a.data_ptr() != b.data_ptr() and a.shape == (2, 3) and b.shape == (1, 2)
+    assert sc.take("a", (5,), torch.device("cpu")).data_ptr() == a.data_ptr()  # fits: same storage
+    big = sc.take("a", (4, 4), torch.device("cpu"))
+    assert big.shape == (4, 4) and big.is_contiguous() and big.data_ptr() != a.data_ptr()

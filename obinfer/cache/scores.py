@@ -47,6 +47,27 @@ SCORES: dict[str, ScoreFn] = {}
 GQA_MODES = ("sum", "pre")
 
 
+class Scratch:
+    """Float32 buffers that a loop over query chunks reuses from one chunk to the next.
+
+    A fresh multi-megabyte tensor is fresh pages from the OS: the kernel zeroes and maps them at first
+    touch, and glibc hands big freed blocks back, so every chunk paid that again (at 2k, ~15,000 page
+    faults a layer for H2O's scores, a third of their time on the 2-core machine). `take` returns a view of
+    one buffer per name, allocated once at `reserve` entries (or the first request, if larger).
+    """
+
+    def __init__(self, reserve: int = 0) -> None:
+        self.reserve = reserve
+        self._bufs: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = self._bufs[name] = torch.empty(max(numel, self.reserve), dtype=torch.float32, device=device)
+        return buf[:numel].view(shape)
+
+
 class Terms(NamedTuple):
     """Per-(head, query, slot) quantities shared by all scores, in group layout.
 
@@ -90,6 +111,7 @@ class ScoreInputs:
     q_pos: Tensor
     k_pos: Tensor
     gqa: str = "sum"
+    scratch: Scratch | None = None
 
     def __post_init__(self) -> None:
         q, k, v = self.q, self.k, self.v
@@ -147,7 +169,9 @@ class ScoreInputs:
 
         One (G * W) x n matmul per KV head (a broadcast over the group would copy the keys G times)."""
         B, Hkv, n = self.k_pos.shape
-        return (self._qs @ self._kv32[0].transpose(-1, -2)).view(B, Hkv, self.group, -1, n)
+        qs = self._qs
+        out = self.buffer("z", (*qs.shape[:3], n))
+        return torch.matmul(qs, self._kv32[0].transpose(-1, -2), out=out).view(B, Hkv, self.group, -1, n)
 
     @cached_property
     def _zg(self) -> Tensor:
@@ -173,14 +197,14 @@ class ScoreInputs:
         blind = torch.nonzero(((kp < 0) | (kp > qp.amin(-1)[:, None, None])).flatten(0, 1).any(0))
         j0 = int(blind[0, 0]) if len(blind) else n
         if j0 == n:  # every query sees every (valid) slot
-            return torch.softmax(z, dim=-1)
+            return self._softmax(z)
         kt = kp[:, :, None, j0:]  # (B, Hkv, 1, n - j0)
         vis = (kt >= 0) & (kt <= qp[:, None, :, None])  # `visible`, on the tail only
         tail = z[..., j0:]
         saved = tail.clone()
         try:
             tail.add_(torch.where(vis, 0.0, float("-inf"))[:, :, None])
-            A = torch.softmax(z, dim=-1)
+            A = self._softmax(z)
         finally:
             tail.copy_(saved)
         # (B, Hkv, W): query i sees a slot iff some valid slot is not after it; one that sees nothing
@@ -190,6 +214,18 @@ class ScoreInputs:
         if not bool(sees.all()):
             A.masked_fill_(~sees[:, :, None, :, None], 0.0)
         return A
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """An uninitialized float32 tensor of `shape` for a temporary called `name`: a view of this bundle's
+        `Scratch` (reused from the previous query chunk, so no fresh pages) when it has one, else new.
+        A name is one tensor per bundle: take each once."""
+        if self.scratch is None:
+            return torch.empty(shape, dtype=torch.float32, device=self.k.device)
+        return self.scratch.take(name, shape, self.k.device)
+
+    def _softmax(self, z: Tensor) -> Tensor:
+        """softmax over the last dim of z into the "A" buffer."""
+        return torch.ops.aten._softmax.out(z, -1, False, out=self.buffer("A", tuple(z.shape)))
 
     @property
     def z(self) -> Tensor:
@@ -323,7 +359,7 @@ def obk(inp: ScoreInputs) -> Tensor:
     sum is; the float32 result of the expansion is clamped at 0 (docs/scores.md section 2).
     """
     A, z, o = inp._layout
-    w = (A * z).square_()
+    w = torch.mul(A, z, out=inp.buffer("obk.w", tuple(A.shape))).square_()
     o2 = o.square().sum(-1, keepdim=True)
     S = _project(w, torch.cat([torch.ones_like(o2), o2, o], -1))  # (B, Hkv, 2 + Dv, n)
     s = torch.addcmul(S[:, :, 1], inp.vnorm2, S[:, :, 0]).sub_(_dot_v(inp, S[:, :, 2:]), alpha=2.0)
@@ -426,11 +462,15 @@ def score_queries_chunked(
     n, W = k.shape[2], q.shape[2]
     invalid = k_pos < 0
     totals = [torch.zeros(k_pos.shape, dtype=torch.float32, device=k.device) for _ in fns]
+    B, Hq = q.shape[:2]
+    scratch = Scratch(B * Hq * (_chunk_end(0, W, n, Hq, chunk)) * n)  # the biggest chunk's (Hq, W, n)
     s = 0
     while s < W:
-        e = _chunk_end(s, W, n, q.shape[1], chunk)
+        e = _chunk_end(s, W, n, Hq, chunk)
         end = n - W + e if causal_prefix else n
-        inp = ScoreInputs(q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], k_pos[:, :, :end], gqa)
+        inp = ScoreInputs(
+            q[:, :, s:e], k[:, :, :end], v[:, :, :end], q_pos[:, s:e], k_pos[:, :, :end], gqa, scratch
+        )
         for fn, total in zip(fns, totals, strict=True):
             total[..., :end] += fn(inp).masked_fill(invalid[..., :end], 0.0)
         if outputs is not None:  # the score's own A and outputs when it used them (cached), else computed
