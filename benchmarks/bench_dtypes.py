@@ -1,8 +1,9 @@
-"""Accuracy cost of bfloat16 and int8 weights against float32, on the same text.
+"""Accuracy cost of bfloat16, int8 and int4 weights against float32, on the same text.
 
     python benchmarks/bench_dtypes.py [--model NAME] [--tokens 1024] [--press snapkv-obk] [--ratio 0.5]
 
-For each format (bfloat16 model, float32 model with `--quantize int8`, bfloat16 with int8) against the
+For each format (bfloat16 model, float32 model with `--quantize int8`, bfloat16 with int8, float32 model
+with `--quantize int4`) against the
 float32 model, on the first --tokens tokens of this repository's docs (natural English with code):
 mean and max per-position KL divergence of the next-token distributions, top-1 agreement, and the
 kept-set agreement of a press after its prefill (|kept_fmt & kept_fp32| / |kept_fp32|, over every layer
@@ -47,7 +48,7 @@ def main() -> None:
     print(f"{model_dir.name}, {ids.shape[1]} tokens of docs/*.md, press {args.press} r = {args.ratio}")
     print(f"{'format':18} {'mean KL':>9} {'max KL':>8} {'top-1 agree':>12} {'kept agree':>11}")
     for label, dtype, quant in (("bfloat16", "bfloat16", None), ("int8 (float32 act)", "float32", "int8"),
-                                ("int8 (bf16 act)", "bfloat16", "int8")):  # fmt: skip
+                                ("int8 (bf16 act)", "bfloat16", "int8"), ("int4", "float32", "int4")):  # fmt: skip
         model, _ = load_dir(model_dir, dtype, "cpu", quant)
         lp, kept = run(model, ids, args.press, args.ratio)
         kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1)

@@ -1,15 +1,15 @@
 """Engine speed: obinfer vs transformers (and llama.cpp's decode, where installed), in one run.
 
     python benchmarks/bench_engine.py [--models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct]
-        [--dtypes float32,bfloat16,int8] [--contexts 1024,8192] [--llama-cpp PYTHON]
+        [--dtypes float32,bfloat16,int8,int4] [--contexts 1024,8192] [--llama-cpp PYTHON]
 
 For each model, weight format and context length n:
     prefill n   tokens/s of a prefill of n random tokens (last-position logits only, for both engines);
     decode @n   tokens/s of greedy decoding after that prefill (each engine prefills once, then blocks of
                 --decode-steps steps alternate between the engines, --repeats blocks each).
 Each figure is the median over interleaved runs (obinfer, peer, obinfer, peer, ...), and the ratio is
-obinfer / peer. "int8" is obinfer's weight-only int8 (`--quantize int8`, float32 activations) against
-transformers in float32.
+obinfer / peer. "int8" / "int4" are obinfer's weight-only formats (`--quantize int8` / `int4`, float32
+activations between the layers) against transformers in float32.
 
 The decode rows also give obinfer's share of the memory-bandwidth limit: a decoding step reads every
 weight once (bytes of the linear layers and the LM head), so the limit is bandwidth / those bytes,
@@ -18,7 +18,8 @@ with the machine's streaming read bandwidth measured at the start of the same ru
 
 llama.cpp: with --llama-cpp PYTHON (an interpreter that has llama-cpp-python), the same model's GGUF
 (its own quantization, e.g. Q4_1 for SmolLM2) decodes after an n-token prompt in a subprocess, right
-after obinfer's int8 decode rows; without it the row says llama.cpp was not measured. It is never a
+after obinfer's int8 and int4 decode rows, against obinfer decoding alone (--repeats blocks in a row,
+not interleaved with transformers'), since llama.cpp too runs alone; without it the row says llama.cpp was not measured. It is never a
 dependency of obinfer or of its tests.
 
 Nothing else should run on the machine meanwhile.
@@ -79,7 +80,7 @@ def weight_bytes(model) -> int:  # noqa: ANN001
     """Bytes a decoding step reads: every linear layer's weight (and scales) and the LM head."""
     total = 0
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Int8Linear":
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Int8Linear", "Int4Linear"):
             total += sum(t.numel() * t.element_size() for t in mod.buffers(recurse=False))
             total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
     return total
@@ -152,11 +153,12 @@ def bench_model(name: str, args: argparse.Namespace, bw: float) -> None:
 def bench_format(
     name: str, model_dir: Path, fmt: str, args: argparse.Namespace, bw: float, g: torch.Generator
 ) -> None:
-    """The prefill and decode rows of one weight format ("float32", "bfloat16" or "int8")."""
+    """The prefill and decode rows of one weight format ("float32", "bfloat16", "int8" or "int4")."""
     import transformers
 
-    dtype = "float32" if fmt == "int8" else fmt
-    ob_model, _ = load_dir(model_dir, dtype, "cpu", "int8" if fmt == "int8" else None)
+    quantized = fmt in ("int8", "int4")
+    dtype = "float32" if quantized else fmt
+    ob_model, _ = load_dir(model_dir, dtype, "cpu", fmt if quantized else None)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
     ).eval()
@@ -178,23 +180,24 @@ def bench_format(
         print(
             f"{fmt:9} {f'decode @{n} (tok/s)':22} {k / d_ob:9.1f} {k / d_hf:9.1f} {d_hf / d_ob:6.2f}  transformers; {share}"
         )
-        if fmt == "int8":
-            llama_row(name, n, k / d_ob, args)
+        if quantized:  # llama.cpp runs alone in its process, so obinfer's blocks here run in a row
+            alone = statistics.median(_time(lambda: ob.decode(k)) for _ in range(args.repeats))  # noqa: B023
+            llama_row(name, n, k / alone, args, fmt)
 
 
-def llama_row(name: str, n: int, ob_rate: float, args: argparse.Namespace) -> None:
+def llama_row(name: str, n: int, ob_rate: float, args: argparse.Namespace, fmt: str) -> None:
     source = MODELS[name].source if name in MODELS else None
     if not args.llama_cpp or source is None:
         why = "no --llama-cpp interpreter given" if not args.llama_cpp else "no GGUF for this model"
         print(
-            f"{'int8':9} {f'decode @{n} (tok/s)':22} {ob_rate:9.1f} {'-':>9} {'-':>6}  llama.cpp not measured ({why})"
+            f"{fmt:9} {f'decode @{n} (tok/s)':22} {ob_rate:9.1f} {'-':>9} {'-':>6}  llama.cpp not measured ({why})"
         )
         return
     res = llama_cpp_decode(args.llama_cpp, source.fetch(), n, args)
     if res is not None:
         quant = gguf_types(source.fetch())
         print(
-            f"{'int8':9} {f'decode @{n} (tok/s)':22} {ob_rate:9.1f} {res['decode']:9.1f} "
+            f"{fmt:9} {f'decode @{n} (tok/s)':22} {ob_rate:9.1f} {res['decode']:9.1f} "
             f"{ob_rate / res['decode']:6.2f}  llama.cpp ({quant}; its prefill {res['prefill']:.0f} tok/s)"
         )
 
@@ -213,7 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct",
                     help="named models or checkpoint directories, comma-separated")  # fmt: skip
-    ap.add_argument("--dtypes", default="float32,bfloat16,int8")
+    ap.add_argument("--dtypes", default="float32,bfloat16,int8,int4")
     ap.add_argument("--contexts", default="1024,8192")
     ap.add_argument("--decode-steps", type=int, default=16, help="decode steps per timed block")
     ap.add_argument("--repeats", type=int, default=5, help="timed decode blocks per engine")

@@ -88,14 +88,16 @@ def load_dir(
     model_dir: str | Path, dtype: str = "float32", device: str = "cpu", quantize: str | None = None
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint directory (dtype and quantize as in `load`)."""
-    from obinfer.quantize import check_quantize, quantize_int8
+    from obinfer.quantize import check_quantize, quantize_int4, quantize_int8
     from obinfer.tokenizer import load_tokenizer
     from obinfer.weights import load_model
 
-    check_quantize(quantize)
+    check_quantize(quantize, device)
     model = load_model(model_dir, dtype=resolve_dtype(dtype, device), device=device)
     if quantize == "int8":
         quantize_int8(model)
+    elif quantize == "int4":
+        quantize_int4(model)
     return model, load_tokenizer(model_dir)
 
 
@@ -113,11 +115,11 @@ def load(
         dtype: "float32", "bfloat16", "float16" or "auto" (`resolve_dtype`).
         device: "cpu", "cuda", "cuda:N", "mps".
         weights_dir: where named models and downloads live (default :func:`obinfer.storage.default_weights_dir`).
-        quantize: None or "int8" (weight-only, obinfer/quantize.py).
+        quantize: None, "int8" or "int4" (weight-only, obinfer/quantize.py; int4 on the CPU only).
     """
     check_device(device)
     resolve_dtype(dtype, device)
     from obinfer.quantize import check_quantize
 
-    check_quantize(quantize)  # before anything is downloaded or converted
+    check_quantize(quantize, device)  # before anything is downloaded or converted
     return load_dir(resolve_model(model, weights_dir), dtype, device, quantize)

@@ -32,10 +32,10 @@ def load_args(args: argparse.Namespace):  # noqa: ANN201
 
 
 def dtype_label(args: argparse.Namespace) -> str:
-    """The resolved dtype, with "+int8" for int8 weights (what a results file records)."""
+    """The resolved dtype, with "+int8" / "+int4" for quantized weights (what a results file records)."""
     from obinfer.loading import resolve_dtype
 
-    return resolve_dtype(args.dtype, args.device) + ("+int8" if args.quantize else "")
+    return resolve_dtype(args.dtype, args.device) + (f"+{args.quantize}" if args.quantize else "")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +51,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--quantize",
-        choices=["int8"],
-        help="weight-only int8 linear layers (a quarter of float32's bytes per decoded token)",
+        choices=["int8", "int4"],
+        help="weight-only int8 linear layers (a quarter of float32's bytes per decoded token), or int4 "
+        "(the decoder's layers in 4-bit groups, the LM head int8; CPU only)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ... (default cpu)")
     p.add_argument("--weights-dir", help="where converted/downloaded checkpoints live (default ./weights)")

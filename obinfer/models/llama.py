@@ -218,7 +218,7 @@ class Transformer(nn.Module):
             "inv_freq", inv_freq if inv_freq.is_meta else rope_inv_freq(cfg), persistent=False
         )
 
-    quantization: str | None = None  # "int8" after obinfer.quantize.quantize_int8
+    quantization: str | None = None  # "int8" / "int4" after obinfer.quantize.quantize_int8 / quantize_int4
 
     @property
     def dtype(self) -> torch.dtype:
