@@ -14,7 +14,8 @@ activations between the layers) against transformers in float32.
 The decode rows also give obinfer's share of the memory-bandwidth limit: a decoding step reads every
 weight once (bytes of the linear layers and the LM head), so the limit is bandwidth / those bytes,
 with the machine's streaming read bandwidth measured at the start of the same run (the sum of a
-1 GiB float32 tensor, same thread count).
+1 GiB float32 tensor, same thread count); the share is given for the interleaved blocks and for
+obinfer's blocks alone (--repeats blocks in a row, after the interleaved ones).
 
 llama.cpp: with --llama-cpp PYTHON (an interpreter that has llama-cpp-python), the same model's GGUF
 (its own quantization, e.g. Q4_1 for SmolLM2) decodes after an n-token prompt in a subprocess, right
@@ -173,15 +174,18 @@ def bench_format(
         k = args.decode_steps
         ob.decode(2), peer.decode(2)  # warm-up
         d_ob, d_hf = interleaved(lambda: ob.decode(k), lambda: peer.decode(k), args.repeats)  # noqa: B023
+        # obinfer alone: its blocks in a row (the share of the bandwidth limit is a property of one engine;
+        # llama.cpp, below, runs alone in its process too)
+        alone = statistics.median(_time(lambda: ob.decode(k)) for _ in range(args.repeats))  # noqa: B023
         limit = bw * 1e9 / wbytes
         share = (
-            f"{k / d_ob / limit:.0%} of the {limit:.0f} tok/s bandwidth limit ({wbytes / 1e6:.0f} MB/token)"
+            f"{k / d_ob / limit:.0%} of the {limit:.0f} tok/s bandwidth limit ({wbytes / 1e6:.0f} MB/token); "
+            f"alone {k / alone:.1f} tok/s, {k / alone / limit:.0%}"
         )
         print(
             f"{fmt:9} {f'decode @{n} (tok/s)':22} {k / d_ob:9.1f} {k / d_hf:9.1f} {d_hf / d_ob:6.2f}  transformers; {share}"
         )
-        if quantized:  # llama.cpp runs alone in its process, so obinfer's blocks here run in a row
-            alone = statistics.median(_time(lambda: ob.decode(k)) for _ in range(args.repeats))  # noqa: B023
+        if quantized:
             llama_row(name, n, k / alone, args, fmt)
 
 

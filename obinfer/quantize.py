@@ -184,7 +184,7 @@ class Int4Linear(nn.Module):
         q, so = quantize_groups(lin.weight)
         sz = so.float()
         sz[..., 1] += 8 * sz[..., 0]  # the kernel subtracts 8 from each nibble
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         return cls(packed, sz.to(torch.bfloat16), lin.in_features, lin.bias)
 
     @classmethod
@@ -250,23 +250,28 @@ def check_quantize(quantize: str | None, device: str = "cpu") -> None:
         raise UserError(f"--quantize int4 runs on the CPU only (torch's int4 kernel), not on {device}")
 
 
-def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None, bits: int = 8) -> nn.Module:
+def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace the decoder's linear layers and LM head (and a tied embedding) by int8 ones, in place.
 
     Args:
         model: an `obinfer.models.llama.Transformer`.
-        compute_dtype: the int8 matmuls' dtype; default bfloat16 where the device has native bfloat16,
+        compute_dtype: the matmuls' dtype; default bfloat16 where the device has native bfloat16,
             else the model's dtype.
-        bits: 4 makes the decoder's layers `Int4Linear` where the kernel takes them (`quantize_int4`).
     Returns:
         the model (quantized; its float weights are released).
     """
-    from obinfer.weights import weights_digest
+    return _quantize(model, compute_dtype, bits=8)
 
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if bits == 4:
-        check_quantize("int4", str(model.device))
+
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """`quantize_int8`, but with the decoder's linear layers in 4 bits (`Int4Linear`) wherever the int4
+    kernel takes them; the LM head, a tied embedding and any other layer stay int8. CPU only."""
+    check_quantize("int4", str(model.device))
+    return _quantize(model, None, bits=4)
+
+
+def _quantize(model: nn.Module, compute_dtype: torch.dtype | None, bits: int) -> nn.Module:
+    from obinfer.weights import weights_digest
 
     weights_digest(model)  # of the float weights, kept on the model (TRIM-KV gates files are checked by it)
     dtype = model.dtype
@@ -277,9 +282,10 @@ def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None, bi
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
+                    four = bits == 4 and int4_fits(child, model.device)
                     q = (
                         Int4Linear.from_linear(child)
-                        if bits == 4 and int4_fits(child, model.device)
+                        if four
                         else Int8Linear.from_linear(child, compute_dtype)
                     )
                     setattr(parent, name, q)
@@ -288,9 +294,3 @@ def quantize_int8(model: nn.Module, compute_dtype: torch.dtype | None = None, bi
         model.model.embed_tokens = Int8Embedding(model.lm_head, dtype)
     model.quantization = f"int{bits}"
     return fuse_projections(model)  # (also drops the float weights the old fused products held)
-
-
-def quantize_int4(model: nn.Module) -> nn.Module:
-    """`quantize_int8` with the decoder's linear layers in 4 bits (`Int4Linear`; the LM head, a tied
-    embedding and any layer the int4 kernel cannot take stay int8). CPU only."""
-    return quantize_int8(model, bits=4)
