@@ -97,19 +97,26 @@ def test_quantized_model_matches_its_dequantized_weights(tiny_dir):
         torch.testing.assert_close(q(nxt, cq), ref(nxt, cr), rtol=1e-4, atol=1e-4)
 
 
-def test_quantized_default_model_stays_close_and_answers(default_model_dir):
-    """The real model: per-position KL to float32 small, top-1 mostly agrees, the greedy answer holds."""
-    tok = load_tokenizer(default_model_dir)
-    ref, _ = load_dir(default_model_dir)
-    q, _ = load_dir(default_model_dir, quantize="int8")
-    text = "The Eiffel Tower is in Paris. It was built for the 1889 World's Fair and is 330 metres tall. " * 6
-    ids = torch.tensor([tok.encode(text)])
+EIFFEL = "The Eiffel Tower is in Paris. It was built for the 1889 World's Fair and is 330 metres tall. " * 6
+
+
+def _closeness(model_dir, ref, tok, quantize: str):  # noqa: ANN001, ANN202
+    """(quantized model, mean per-position KL to the float32 `ref`, top-1 agreement) on EIFFEL."""
+    q, _ = load_dir(model_dir, quantize=quantize)
+    ids = torch.tensor([tok.encode(EIFFEL)])
     with torch.inference_mode():
         lp_ref = ref(ids, ref.new_cache()).float().log_softmax(-1)
         lp_q = q(ids, q.new_cache()).float().log_softmax(-1)
     kl = (lp_ref.exp() * (lp_ref - lp_q)).sum(-1)
-    agree = (lp_ref.argmax(-1) == lp_q.argmax(-1)).float().mean()
-    assert float(kl.mean()) < 0.02 and float(agree) >= 0.85, (float(kl.mean()), float(agree))
+    return q, float(kl.mean()), float((lp_ref.argmax(-1) == lp_q.argmax(-1)).float().mean())
+
+
+def test_quantized_default_model_stays_close_and_answers(default_model_dir):
+    """The real model: per-position KL to float32 small, top-1 mostly agrees, the greedy answer holds."""
+    tok = load_tokenizer(default_model_dir)
+    ref, _ = load_dir(default_model_dir)
+    q, kl, agree = _closeness(default_model_dir, ref, tok, "int8")
+    assert kl < 0.02 and agree >= 0.85, (kl, agree)
     prompt = tok.encode(tok.apply_chat([{"role": "user", "content": "What is the capital of France?"}]))
     answers = [
         tok.decode(list(generate(m, prompt, max_new_tokens=20, stop_ids=tok.stop_ids))) for m in (ref, q)
@@ -290,17 +297,11 @@ def test_int4_default_model_stays_close_and_answers(default_model_dir):
     exactly, closer to float32 than int8's one scale per row."""
     tok = load_tokenizer(default_model_dir)
     ref, _ = load_dir(default_model_dir)
-    q4, _ = load_dir(default_model_dir, quantize="int4")
-    text = "The Eiffel Tower is in Paris. It was built for the 1889 World's Fair and is 330 metres tall. " * 6
-    ids = torch.tensor([tok.encode(text)])
-    with torch.inference_mode():
-        lp_ref = ref(ids, ref.new_cache()).float().log_softmax(-1)
-        lp_q = q4(ids, q4.new_cache()).float().log_softmax(-1)
-    kl = (lp_ref.exp() * (lp_ref - lp_q)).sum(-1)
-    agree = (lp_ref.argmax(-1) == lp_q.argmax(-1)).float().mean()
-    assert float(kl.mean()) < 0.02 and float(agree) >= 0.9, (float(kl.mean()), float(agree))
+    q4, kl, agree = _closeness(default_model_dir, ref, tok, "int4")
+    _, kl8, _ = _closeness(default_model_dir, ref, tok, "int8")
+    assert kl < 0.02 and agree >= 0.9 and kl < kl8, (kl, agree, kl8)
     # (the chat question of the int8 test is a near tie for the first token in float32 itself: "The"
     # 0.15 against "L" 0.14; int4 picks "L'...". A completion the model is sure of:)
-    prompt = tok.encode(text + "The Eiffel Tower is in the city of")
+    prompt = tok.encode(EIFFEL + "The Eiffel Tower is in the city of")
     answer = tok.decode(list(generate(q4, prompt, max_new_tokens=4, stop_ids=tok.stop_ids)))
     assert answer.startswith(" Paris"), answer
