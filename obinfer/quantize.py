@@ -55,7 +55,9 @@ QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 32
 """Inputs per int4 group (one step and offset each), as in llama.cpp's Q4 / Q5 / Q8 blocks (a model that was
 shipped in those formats, like the embedded SmolLM2 and Qwen2.5-Coder GGUFs, is close to exact in it)."""
-INT4_PACK_ROWS = 64  # torch's CPU int4 packing interleaves blocks of this many output rows
+INT4_PACK_ROWS = 64
+"""torch's CPU int4 packing interleaves blocks of 64 output rows with AVX-512, 32 with AVX2 or none:
+parts of whole 64-row blocks stack the same way under both (`Int4Linear.fuse`)."""
 PACKED_MAX_ROWS = 16
 """At most this many rows go through torch's packed int8 kernel on the CPU (above, dequantize: at 32
 rows and more the dequantized bfloat16 matmul was faster on a 2-core AVX512-BF16 CPU)."""

@@ -225,7 +225,8 @@ def test_int4_linear_equals_its_dequantized_weight(rows):
 
 def test_the_int4_kernel_packs_each_block_of_rows_on_its_own():
     """What `Int4Linear.fuse` relies on: packing stacked rows equals stacking the packed rows when every
-    part but the last fills whole blocks of INT4_PACK_ROWS rows, and not otherwise."""
+    part but the last fills whole blocks of INT4_PACK_ROWS rows, and not otherwise. (The kernel's own
+    block is 64 rows with AVX-512 and 32 with AVX2 or none: 64 suits both; CI runs on either.)"""
     pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
 
     def stacked_equal(*rows: int) -> bool:
@@ -233,7 +234,7 @@ def test_the_int4_kernel_packs_each_block_of_rows_on_its_own():
         return torch.equal(pack(torch.cat(qs), 1), torch.cat([pack(q, 1) for q in qs]))
 
     assert stacked_equal(INT4_PACK_ROWS, 2 * INT4_PACK_ROWS, 48) and stacked_equal(3 * INT4_PACK_ROWS, 16)
-    assert not stacked_equal(32, INT4_PACK_ROWS)
+    assert not stacked_equal(16, INT4_PACK_ROWS)
 
 
 def _int4_parts(*outs: int, bias: bool = False) -> list[Int4Linear]:
@@ -283,13 +284,17 @@ def test_int4_model_layers_head_and_fusion(tiny_dir):
         if q.cfg.tie_word_embeddings:
             assert isinstance(q.model.embed_tokens, Int8Embedding)
             ref.model.embed_tokens.weight.copy_(q.lm_head.dequantized())
-    ids = torch.randint(0, q.cfg.vocab_size, (2, 9))
+    ids = torch.randint(0, q.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:  # bfloat16 activations: ~1e-2 relative
+        return float((a - b).norm() / b.norm())
+
     with torch.inference_mode():
         got = q(ids, q.new_cache(2))
-        torch.testing.assert_close(got, ref(ids, ref.new_cache(2)), rtol=0.05, atol=0.05)
+        assert rel_err(got, ref(ids, ref.new_cache(2))) < 2e-2  # measured 0.008-0.010
         c = q.new_cache(2)
         q(ids[:, :-1], c)
-        torch.testing.assert_close(q(ids[:, -1:], c), got[:, -1:], rtol=0.02, atol=0.02)
+        assert rel_err(q(ids[:, -1:], c), got[:, -1:]) < 1e-2
 
 
 def test_int4_default_model_stays_close_and_answers(default_model_dir):
