@@ -19,9 +19,9 @@ obinfer's blocks alone (--repeats blocks in a row, after the interleaved ones).
 
 llama.cpp: with --llama-cpp PYTHON (an interpreter that has llama-cpp-python), the same model's GGUF
 (its own quantization, e.g. Q4_1 for SmolLM2) decodes after an n-token prompt in a subprocess, right
-after obinfer's int8 and int4 decode rows, against obinfer decoding alone (--repeats blocks in a row,
-not interleaved with transformers'), since llama.cpp too runs alone; without it the row says llama.cpp was not measured. It is never a
-dependency of obinfer or of its tests.
+after obinfer's int8 and int4 decode rows; it is compared with obinfer decoding alone (its blocks in a
+row, not interleaved with transformers'), as llama.cpp runs alone too. Without it the row says
+llama.cpp was not measured. It is never a dependency of obinfer or of its tests.
 
 Nothing else should run on the machine meanwhile.
 """
