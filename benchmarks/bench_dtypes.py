@@ -3,10 +3,11 @@
     python benchmarks/bench_dtypes.py [--model NAME] [--tokens 1024] [--press snapkv-obk] [--ratio 0.5]
 
 For each format (bfloat16 model, float32 model with `--quantize int8`, bfloat16 with int8, float32 model
-with `--quantize int4`) against the float32 model, on the first --tokens tokens of this repository's docs (natural English with code):
-mean and max per-position KL divergence of the next-token distributions, top-1 agreement, and the
-kept-set agreement of a press after its prefill (|kept_fmt & kept_fp32| / |kept_fp32|, over every layer
-and KV head). Scores are computed in float32 in every format.
+with `--quantize int4`) against the float32 model, on the first --tokens tokens of this repository's
+docs (natural English with code): mean and max per-position KL divergence of the next-token
+distributions, top-1 agreement, and the kept-set agreement of a press after its prefill
+(|kept_fmt & kept_fp32| / |kept_fp32|, over every layer and KV head). Scores are computed in float32
+in every format.
 """
 
 from __future__ import annotations
