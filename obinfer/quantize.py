@@ -41,6 +41,7 @@ float32-like speed (~160 GFLOP/s here; the int8 path dequantizes to bfloat16 ins
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -71,6 +72,26 @@ def quantize_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def _cat_parts(parts: Sequence[nn.Module], name: str, dim: int = 0) -> Tensor | None:
+    """The parts' tensors called `name`, concatenated along `dim` (None for absent biases)."""
+    ts = [getattr(p, name) for p in parts]
+    return None if ts[0] is None else torch.cat([t.detach() for t in ts], dim)
+
+
+def _share_storage(parts: Sequence[nn.Module], fused: nn.Module, dims: dict[str, int]) -> nn.Module:
+    """Make each part's tensors named in `dims` (split along that dim by the parts' output sizes) and its
+    bias views of `fused`'s, so nothing is held twice (the quantized layers' `fuse`). Returns `fused`."""
+    sizes = [p.out_features for p in parts]
+    splits = {name: getattr(fused, name).split(sizes, dim) for name, dim in dims.items()}
+    biases = fused.bias.split(sizes) if fused.bias is not None else [None] * len(parts)
+    for i, (p, b) in enumerate(zip(parts, biases, strict=True)):
+        for name, views in splits.items():
+            setattr(p, name, views[i])
+        if b is not None:
+            p.bias = nn.Parameter(b, requires_grad=False)
+    return fused
+
+
 def _packed_kernel() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
@@ -99,19 +120,9 @@ class Int8Linear(nn.Module):
         in having a bias."""
         if len({(p.in_features, p.compute_dtype, p.bias is None) for p in parts}) != 1:
             return None
-        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-        fused = cls(
-            torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias,
-            parts[0].compute_dtype,
-        )  # fmt: skip
-        sizes = [p.out_features for p in parts]
-        views = zip(*(t.split(sizes) for t in (fused.weight, fused.scale, fused.scale_c)), strict=True)
-        biases = fused.bias.split(sizes) if bias is not None else [None] * len(parts)
-        for p, (w, s, sc), b in zip(parts, views, biases, strict=True):
-            p.weight, p.scale, p.scale_c = w, s, sc
-            if b is not None:
-                p.bias = nn.Parameter(b, requires_grad=False)
-        return fused
+        cat = functools.partial(_cat_parts, parts)
+        fused = cls(cat("weight"), cat("scale"), cat("bias"), parts[0].compute_dtype)
+        return _share_storage(parts, fused, {"weight": 0, "scale": 0, "scale_c": 0})
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight (out, in) that the int8 values and scales stand for."""
@@ -200,19 +211,9 @@ class Int4Linear(nn.Module):
             return None
         if any(p.out_features % INT4_PACK_ROWS for p in parts[:-1]):
             return None
-        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-        fused = cls(
-            torch.cat([p.weight for p in parts]), torch.cat([p.scales_zeros for p in parts], 1),
-            parts[0].in_features, bias,
-        )  # fmt: skip
-        sizes = [p.out_features for p in parts]
-        biases = fused.bias.split(sizes) if bias is not None else [None] * len(parts)
-        views = zip(fused.weight.split(sizes), fused.scales_zeros.split(sizes, 1), biases, strict=True)
-        for p, (w, sz, b) in zip(parts, views, strict=True):
-            p.weight, p.scales_zeros = w, sz
-            if b is not None:
-                p.bias = nn.Parameter(b, requires_grad=False)
-        return fused
+        cat = functools.partial(_cat_parts, parts)
+        fused = cls(cat("weight"), cat("scales_zeros", dim=1), parts[0].in_features, cat("bias"))
+        return _share_storage(parts, fused, {"weight": 0, "scales_zeros": 1})
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -284,13 +285,10 @@ def _quantize(model: nn.Module, compute_dtype: torch.dtype | None, bits: int) ->
         for parent in (block.self_attn, block.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    four = bits == 4 and int4_fits(child, model.device)
-                    q = (
-                        Int4Linear.from_linear(child)
-                        if four
-                        else Int8Linear.from_linear(child, compute_dtype)
-                    )
-                    setattr(parent, name, q)
+                    if bits == 4 and int4_fits(child, model.device):
+                        setattr(parent, name, Int4Linear.from_linear(child))
+                    else:
+                        setattr(parent, name, Int8Linear.from_linear(child, compute_dtype))
     model.lm_head = Int8Linear.from_linear(model.lm_head, compute_dtype)
     if tied:
         model.model.embed_tokens = Int8Embedding(model.lm_head, dtype)

@@ -79,8 +79,8 @@ def fuse(parts: Sequence[nn.Module]) -> Callable[[Tensor], Tensor] | None:
     views into its storage, so nothing is held twice and every part still works alone.
 
     `Linear` parts of one dtype and device are fused here (the storage keeps their layout: input-major
-    float32 on CPU stays input-major); a part type with a ``fuse`` classmethod (`Int8Linear`) fuses
-    itself. Anything else (mixed types, some parts with a bias and some without): None.
+    float32 on CPU stays input-major); a part type with a ``fuse`` classmethod (`Int8Linear`,
+    `Int4Linear`) fuses itself. Anything else (mixed types, some parts with a bias and some without): None.
     """
     kind = type(parts[0])
     if any(type(p) is not kind for p in parts):
