@@ -32,7 +32,8 @@ which reads the packed nibbles directly: at one row it streamed ~32 G weights/s 
 against ~10 G/s for the int8 kernel, whose per-weight work, not the memory, bounds it. The LM head
 (and the tied embedding that shares it) stays int8, as llama.cpp's Q4 files keep their output matrix
 at 6-8 bits. A layer whose shape the kernel cannot take (inputs not a multiple of `INT4_GROUP`,
-outputs not a multiple of 16) stays int8 too. The int4 kernel is the CPU's: other devices are refused.
+outputs not a multiple of 16) stays int8 too, as does every layer on a torch that lacks the CPU int4
+kernel (`int4_fits`). The int4 kernel is the CPU's: other devices are refused.
 A checkpoint that was shipped in 4-bit blocks of 32 (the embedded SmolLM2's Q4_1 GGUF) comes back
 almost exactly (mean KL to float32 0.003, below int8's 0.006); others lose more (Qwen2.5-Coder-0.5B
 from its 5-6 bit GGUF: KL 0.05, top-1 agreement 87%; docs/results.md). Its prefill runs at
