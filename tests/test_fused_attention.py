@@ -37,13 +37,19 @@ def _prefill(model, ids, n_pad, press, fused: bool):  # noqa: ANN001, ANN202
     return torch.cat([logits, logits2], 1), cache.kept_positions(), calls
 
 
-@pytest.mark.parametrize("name", ["h2o", "h2o-obk", "h2o-obkv", "adakv-h2o-obv", "snapkv"])
-def test_fused_prefill_equals_attention_then_scoring(tiny_dir, name):
+@pytest.mark.parametrize(
+    "name, window",
+    [("h2o", 0), ("h2o-obk", 0), ("h2o-obkv", 0), ("adakv-h2o-obv", 0), ("snapkv", 0),
+     ("snapkv-obk", 0), ("snapkv-obk", 8), ("adakv-snapkv-obkv", 8), ("snapkv-caote", 8)],
+)  # fmt: skip
+def test_fused_prefill_equals_attention_then_scoring(tiny_dir, name, window):
+    """H2O fused; SnapKV reuses the layer's attention outputs as the window's O (`reuses_outputs`):
+    window 64 observes the whole prompt, padding queries included (row 1); window 8 only the tail."""
     model = load_model(tiny_dir)
     torch.manual_seed(0)
     ids = torch.randint(3, model.cfg.vocab_size, (2, 37))
     n_pad = torch.tensor([0, 5])
-    opts = {"chunk": 7, "fused": True} if "h2o" in name else {}
+    opts = {"chunk": 7, "fused": True} if "h2o" in name else {"window": window} if window else {}
     press = make_press(name, compression_ratio=0.5, **opts)
     a, kept_a, calls = _prefill(model, ids, n_pad, press, fused=True)
     b, kept_b, _ = _prefill(model, ids, n_pad, press, fused=False)
@@ -80,3 +86,29 @@ def test_fused_is_an_option_and_off_by_default():
     assert not make_press("snapkv", compression_ratio=0.5).policy.fuses_attention
     with pytest.raises(PressError, match="fused"):
         make_press("h2o", compression_ratio=0.5, fused="yes")
+
+
+def test_snapkv_scores_with_the_layer_attention_outputs(tiny_llama_dir, monkeypatch):
+    """A prefill layer's SnapKV scoring is handed the layer's float32 attention outputs (no second A V);
+    a bfloat16 model's outputs are not used (scores stay float32), nor is anything handed to a policy
+    that does not take them."""
+    from obinfer.cache import policies
+
+    given = []
+    real = policies.SnapKV.score
+    monkeypatch.setattr(
+        policies.SnapKV,
+        "score",
+        lambda self, *a, outputs=None: given.append(outputs) or real(self, *a, outputs=outputs),
+    )
+    ids = torch.randint(3, 50, (1, 30))
+    for dtype, expect in ((torch.float32, True), (torch.bfloat16, False)):
+        model = load_model(tiny_llama_dir, dtype=dtype)
+        given.clear()
+        run = make_press("snapkv-obk", compression_ratio=0.5, window=8).start(model=model)
+        with torch.inference_mode():
+            run.prefill(model, ids, model.new_cache())
+        assert len(given) == model.cfg.n_layers
+        assert all((o is not None) == expect for o in given), dtype
+        if expect:
+            assert given[0].shape == (1, model.cfg.n_heads, 30, model.cfg.head_dim)

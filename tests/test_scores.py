@@ -522,3 +522,22 @@ def test_scratch_grows_a_buffer_and_keeps_names_apart():
     assert sc.take("a", (5,), torch.device("cpu")).data_ptr() == a.data_ptr()  # fits: same storage
     big = sc.take("a", (4, 4), torch.device("cpu"))
     assert big.shape == (4, 4) and big.is_contiguous() and big.data_ptr() != a.data_ptr()
+
+
+@pytest.mark.parametrize("gqa", ["sum", "pre"])
+@pytest.mark.parametrize("name", SCORE_NAMES)
+def test_given_outputs_score_as_computed_ones(name, gqa):
+    """`ScoreInputs.outputs` (a layer's own attention outputs) stand in for A V: the same scores; rows of
+    queries that see nothing are ignored even when they hold garbage (SDPA's padding rows)."""
+    inp = random_inputs(gqa, seed=2)
+    given = inp.O.clone()
+    given[1, :, 0] = float("nan")  # row 1's query 0 is padding
+    other = ScoreInputs(inp.q, inp.k, inp.v, inp.q_pos, inp.k_pos, gqa=gqa, outputs=given)
+    torch.testing.assert_close(other.O, inp.O, rtol=0, atol=0)
+    torch.testing.assert_close(get_score(name)(other), get_score(name)(inp), rtol=1e-6, atol=1e-7)
+    # and they are used, not recomputed: other outputs give other O-dependent scores
+    moved = ScoreInputs(inp.q, inp.k, inp.v, inp.q_pos, inp.k_pos, gqa=gqa, outputs=given + 1.0)
+    if name in ("obk", "obkv", "caote") and gqa == "sum":
+        assert not torch.allclose(get_score(name)(moved), get_score(name)(inp))
+    with pytest.raises(ValueError, match="outputs must be"):
+        ScoreInputs(inp.q, inp.k, inp.v, inp.q_pos, inp.k_pos, gqa=gqa, outputs=given[:, :, 1:])

@@ -90,6 +90,7 @@ class Policy:
     decode_time = False
     fuses_attention = False
     lookahead = False  # observation queries can come from after the prompt (LAQ: obinfer/cache/lookahead.py)
+    reuses_outputs = False  # `score` takes `outputs=`: the layer's own attention outputs, reused as O
     needs_input = False  # reads each layer's input hidden states (`observe_input`; TRIM-KV's gates)
 
     # ------------------------------------------------------------------ what is observed
@@ -124,7 +125,9 @@ class Policy:
         q: (B, Hq, T', D) the last T' prompt queries (post-RoPE; at least `queries_needed(T)` of them
         and at least one; index them from the end), q_pos: (B, T') their positions. Slots that are
         always kept whatever the budget (SnapKV's window, TOVA's last token) score `+inf`; invalid
-        slots `-inf`.
+        slots `-inf`. A policy with `reuses_outputs` also takes `outputs=`: the (B, Hq, T', D) float32
+        attention outputs of q over the layer when the press has them (a prefill layer's own attention),
+        for `ScoreInputs.outputs`; it must score the same as without them (up to float32 rounding).
         """
         raise NotImplementedError
 
@@ -246,6 +249,7 @@ class SnapKV(Policy):
 
     name = "snapkv"
     lookahead = True
+    reuses_outputs = True
     window: int = 64
     kernel: int = 5
     pooling: str = "avg"  # or "max" (the OBCache paper uses max-pool, kernel 7)
@@ -265,10 +269,11 @@ class SnapKV(Policy):
     def reserved(self, n: int) -> int:
         return self.window if n > self.window else 0
 
-    def score(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001
+    def score(self, q, q_pos, layer, score_fn, gqa, outputs=None):  # noqa: ANN001
         k, v, pos = layer.dense()
         w = min(self.window, k.shape[2])
-        s = score_fn(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa))  # (B, Hkv, n)
+        o = None if outputs is None else outputs[:, :, -w:]  # the window's A V, already computed
+        s = score_fn(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa, outputs=o))  # (B, Hkv, n)
         return self._rank(s, pos, q_pos[:, -w:])
 
     def score_lookahead(self, q, q_pos, layer, score_fn, gqa):  # noqa: ANN001

@@ -495,6 +495,8 @@ class PressRun:
                 )
                 for (_, m), other in zip(shared, others, strict=True):
                     m[idx] = other
+            elif pol.reuses_outputs and out is not None and out.dtype == torch.float32:
+                raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa, outputs=out)
             else:
                 raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa)
             if self.memo is not None and not (continued or lookahead):

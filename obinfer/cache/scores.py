@@ -99,6 +99,9 @@ class ScoreInputs:
             (it sees no key and contributes nothing).
         k_pos: (B, Hkv, n) long absolute position of each slot; -1 (any negative) marks an invalid slot.
         gqa: "sum" (exact OBD over the group) or "pre" (average A and z over the group first).
+        outputs: optional (B, Hq, W, Dv) attention outputs of the queries over these slots, when the caller
+            has them already (a prefill layer's own float32 attention): used as O instead of A V. Rows
+            of queries that see no slot (padding) are ignored; O is 0 there, as when computed.
 
     Key p is visible to query i when ``0 <= k_pos[p] <= q_pos[i]``. The derived tensors below are computed
     lazily, once, in float32. Contents of invalid slots are ignored (treated as zeros), so empty cache
@@ -112,6 +115,7 @@ class ScoreInputs:
     k_pos: Tensor
     gqa: str = "sum"
     scratch: Scratch | None = None
+    outputs: Tensor | None = None
 
     def __post_init__(self) -> None:
         q, k, v = self.q, self.k, self.v
@@ -130,6 +134,8 @@ class ScoreInputs:
             )
         if self.gqa not in GQA_MODES:
             raise ValueError(f"gqa must be one of {GQA_MODES}, got {self.gqa!r}")
+        if self.outputs is not None and tuple(self.outputs.shape) != (B, Hq, W, v.shape[3]):
+            raise ValueError(f"outputs must be {(B, Hq, W, v.shape[3])}; got {tuple(self.outputs.shape)}")
 
     @property
     def group(self) -> int:
@@ -207,13 +213,21 @@ class ScoreInputs:
             A = self._softmax(z)
         finally:
             tail.copy_(saved)
-        # (B, Hkv, W): query i sees a slot iff some valid slot is not after it; one that sees nothing
-        # (padding) has a row of NaN
-        first = kp.masked_fill(kp < 0, torch.iinfo(kp.dtype).max).amin(-1)  # (B, Hkv) earliest valid slot
-        sees = qp[:, None, :] >= first[..., None]
-        if not bool(sees.all()):
-            A.masked_fill_(~sees[:, :, None, :, None], 0.0)
+        # a query that sees nothing (padding) has a row of NaN
+        if not bool(self._sees.all()):
+            A.masked_fill_(~self._sees[:, :, None, :, None], 0.0)
         return A
+
+    @cached_property
+    def _sees(self) -> Tensor:
+        """(B, Hkv, W) bool: query i sees some slot (a valid slot not after it)."""
+        kp = self.k_pos
+        if kp.shape[-1] == 0:
+            return torch.zeros(
+                kp.shape[0], kp.shape[1], self.q_pos.shape[1], dtype=torch.bool, device=kp.device
+            )
+        first = kp.masked_fill(kp < 0, torch.iinfo(kp.dtype).max).amin(-1)  # (B, Hkv) earliest valid slot
+        return self.q_pos[:, None, :] >= first[..., None]
 
     def buffer(self, name: str, shape: tuple[int, ...]) -> Tensor:
         """An uninitialized float32 tensor of `shape` for a temporary called `name`: a view of this bundle's
@@ -239,7 +253,13 @@ class ScoreInputs:
 
     @cached_property
     def _Og(self) -> Tensor:
-        """(B, Hkv, G, W, Dv) float32 attention outputs in group layout."""
+        """(B, Hkv, G, W, Dv) float32 attention outputs in group layout (`outputs` when given)."""
+        if self.outputs is not None:
+            B, Hkv, W = self._sees.shape
+            o = self.outputs.float().reshape(B, Hkv, self.group, W, -1)
+            if not bool(self._sees.all()):
+                o = o.masked_fill(~self._sees[:, :, None, :, None], 0.0)
+            return o
         A = self._Ag
         return (A.flatten(2, 3) @ self._kv32[1]).view(*A.shape[:4], -1)
 
