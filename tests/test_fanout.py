@@ -105,9 +105,9 @@ def test_one_scoring_per_layer_for_every_ratio_budget_and_allocator(model, monke
     calls: list[str] = []
     real = policies.SnapKV.score
 
-    def counting(self, *args):  # noqa: ANN001, ANN002, ANN202
+    def counting(self, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         calls.append(repr(self))
-        return real(self, *args)
+        return real(self, *args, **kw)
 
     monkeypatch.setattr(policies.SnapKV, "score", counting)
     names = ["snapkv-obk", "adakv-snapkv-obk"]
@@ -191,3 +191,27 @@ def test_scores_are_those_the_press_ranked_by(model):
             assert [m.tolist() for m in allocators.keep_indices(mask)[0]] == layer[0], (press.name, i)
         fork = fan.compress(press)  # scores or not, the same cache
         assert fork.kept_positions() == cache.kept_positions()
+
+
+@pytest.mark.parametrize(
+    "names", [("snapkv-obk",), ("snapkv", "snapkv-obk", "adakv-snapkv-obkv", "snapkv-caote")]
+)
+def test_window_scores_equal_the_press_own_prefill_bit_for_bit(model, names):
+    """SnapKV scores its window with the layer's attention outputs (`Policy.reuses_outputs`) in its own
+    prefill; the fanout records those outputs in its prefill and hands them over, so the scores are the
+    same bit for bit (not only the kept tokens), alone or shared between scores (`score_many`)."""
+    from obinfer.cache.fanout import scores_by_position
+
+    ids = tokens(N, seed=5)
+    presses = [make_press(n, compression_ratio=0.5, window=16) for n in names]
+    fan = Fanout(model, ids, presses)
+    assert sorted(fan.outputs) == list(range(model.cfg.n_layers))
+    assert all(o.shape[2] == 16 for o in fan.outputs.values())  # only the window's rows are kept
+    L, H = model.cfg.n_layers, model.cfg.n_kv_heads
+    for press in presses:
+        _, scores = fan.compress(press, with_scores=True)
+        cache, run = model.new_cache(1), press.start(model=model, keep_scores=True)
+        with torch.inference_mode():
+            model(torch.tensor([ids]), cache, observer=run.prefill_observer(), last_only=True)
+        assert torch.equal(scores, scores_by_position(run.scores, L, H, N)), press.name
+    assert Fanout(model, ids, [make_press("tova", compression_ratio=0.5)]).outputs == {}

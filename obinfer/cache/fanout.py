@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from obinfer.cache import attention
 from obinfer.cache.kv_cache import KVCache, LayerCache
 from obinfer.cache.presses import Press, PressRun
 
@@ -55,6 +56,8 @@ class Fanout:
         cache: the uncompressed cache after the prefill (do not modify it; `compress` forks it).
         n: prompt tokens.
         n_queries: queries recorded per layer (the last ones of the prompt).
+        outputs: layer -> the layer's attention outputs of its last queries, for presses whose policy
+            reuses them (`Policy.reuses_outputs`); empty when none does.
         prefill_s: seconds the prefill took.
         logits: (1, V) the prefill's last logits.
     """
@@ -89,6 +92,21 @@ class Fanout:
                     pol.observe_input(idx, x, pos, layer)
 
             record.observe_input = observe_input  # type: ignore[attr-defined]
+
+        # a policy that reuses the layer's attention outputs (SnapKV's window: `Policy.reuses_outputs`)
+        # gets them here too, as in its own prefill, so a fork is compressed exactly as that prefill does
+        self.outputs: dict[int, Tensor] = {}  # layer -> (1, Hq, n_outputs, D)
+        reusing = [p for p in presses if not p.is_full and not p.looks_ahead and p.policy.reuses_outputs]
+        n_out = min(self.n, max((p.queries_needed(self.n) for p in reusing), default=0))
+        if n_out:
+
+            def attend_and_observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> Tensor:
+                out = attention.attend(layer, q, q.shape[2])  # the model's own call (`Attention.forward`)
+                self.outputs[idx] = out if n_out >= out.shape[2] else out[:, :, -n_out:].clone()
+                record(idx, q, q_pos, layer)
+                return out
+
+            record.attend_and_observe = attend_and_observe  # type: ignore[attr-defined]
 
         t0 = time.perf_counter()
         self.cache: KVCache = model.new_cache(1)
@@ -150,7 +168,7 @@ class Fanout:
         if observe is not None:
             with torch.inference_mode():
                 for i, layer in enumerate(cache.layers):
-                    observe(i, self.q[i], self.q_pos[i], layer)
+                    observe(i, self.q[i], self.q_pos[i], layer, outputs=self.outputs.get(i))
         if not with_scores:
             return cache
         return cache, self._by_position(run)

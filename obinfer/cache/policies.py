@@ -127,18 +127,19 @@ class Policy:
         always kept whatever the budget (SnapKV's window, TOVA's last token) score `+inf`; invalid
         slots `-inf`. A policy with `reuses_outputs` also takes `outputs=`: the (B, Hq, T', D) float32
         attention outputs of q over the layer when the press has them (a prefill layer's own attention),
-        for `ScoreInputs.outputs`; it must score the same as without them (up to float32 rounding).
+        (or of its last queries) for `ScoreInputs.outputs`; it must score the same as without them (up to
+        float32 rounding), and ignore outputs that do not cover the queries it reads.
         """
         raise NotImplementedError
 
     def score_many(
-        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fns: Sequence[ScoreFn], gqa: str
+        self, q: Tensor, q_pos: Tensor, layer: LayerCache, score_fns: Sequence[ScoreFn], gqa: str, **kw: Any
     ) -> list[Tensor]:
         """`score` for several score functions, equal to one `score` call each, bit for bit. The default
-        makes those calls; a policy whose scoring pass is costly (H2O: every prompt query against every
-        key) shares it between the scores (`Fanout` asks for the scores of all its presses that differ
-        only in the score)."""
-        return [self.score(q, q_pos, layer, fn, gqa) for fn in score_fns]
+        makes those calls (kw: `outputs=` for a policy with `reuses_outputs`); a policy whose scoring pass
+        is costly (H2O: every prompt query against every key) shares it between the scores (`Fanout` asks
+        for the scores of all its presses that differ only in the score)."""
+        return [self.score(q, q_pos, layer, fn, gqa, **kw) for fn in score_fns]
 
     def update_state(self, layer: LayerCache, scores: Tensor, pos: Tensor) -> None:
         """Fold scores (B, Hkv, S) from `score` or `decode_scores` into per-slot state in the layer.
@@ -272,7 +273,8 @@ class SnapKV(Policy):
     def score(self, q, q_pos, layer, score_fn, gqa, outputs=None):  # noqa: ANN001
         k, v, pos = layer.dense()
         w = min(self.window, k.shape[2])
-        o = None if outputs is None else outputs[:, :, -w:]  # the window's A V, already computed
+        # the window's A V, already computed (outputs of the last queries; too few: recompute)
+        o = outputs[:, :, -w:] if outputs is not None and outputs.shape[2] >= w else None
         s = score_fn(ScoreInputs(q[:, :, -w:], k, v, q_pos[:, -w:], pos, gqa, outputs=o))  # (B, Hkv, n)
         return self._rank(s, pos, q_pos[:, -w:])
 

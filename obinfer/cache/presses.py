@@ -450,6 +450,7 @@ class PressRun:
         lookahead: bool = False,
         continued: bool = False,
         attend: bool = False,
+        outputs: Tensor | None = None,
     ) -> Tensor | None:
         """Score the layer's slots with the prompt queries q (B, Hq, T, D) and keep the best.
 
@@ -464,6 +465,10 @@ class PressRun:
             (float32), which then also counts in `scoring_s`; otherwise they come from
             `attention.attend`, so a press that evicts nothing stays bit-identical to no press. Returns
             None when not attend.
+        outputs: when not attend, the layer's attention outputs (B, Hq, T'', D) of the last T'' queries
+            of q, if the caller kept them (`Fanout`). A policy with `reuses_outputs` (SnapKV) scores with
+            the float32 outputs, from `attend` or from here, instead of recomputing them, so a shared
+            prefill compresses exactly as the press's own prefill does.
         """
         press, pol = self.press, self.policy
         out = None
@@ -489,16 +494,18 @@ class PressRun:
             elif attend and out is None:
                 raw, out = pol.score_and_attend(q, q_pos, layer, press.score_fn, press.gqa)
                 out = out.to(q.dtype)
-            elif (shared := [(f, m) for f, m in self.shared_memos if idx not in m]) and not continued:
-                raw, *others = pol.score_many(
-                    q, q_pos, layer, [press.score_fn, *(f for f, _ in shared)], press.gqa
-                )
-                for (_, m), other in zip(shared, others, strict=True):
-                    m[idx] = other
-            elif pol.reuses_outputs and out is not None and out.dtype == torch.float32:
-                raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa, outputs=out)
             else:
-                raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa)
+                known = out if out is not None else outputs
+                reuse = pol.reuses_outputs and known is not None and known.dtype == torch.float32
+                kw = {"outputs": known} if reuse else {}
+                if (shared := [(f, m) for f, m in self.shared_memos if idx not in m]) and not continued:
+                    raw, *others = pol.score_many(
+                        q, q_pos, layer, [press.score_fn, *(f for f, _ in shared)], press.gqa, **kw
+                    )
+                    for (_, m), other in zip(shared, others, strict=True):
+                        m[idx] = other
+                else:
+                    raw = pol.score(q, q_pos, layer, press.score_fn, press.gqa, **kw)
             if self.memo is not None and not (continued or lookahead):
                 self.memo[idx] = raw
         if attend and out is None:  # a memo hit: the scores were shared, the attention was not
@@ -543,8 +550,10 @@ class PressRun:
                 "use run.prefill(model, ids, cache) or Fanout"
             )
 
-        def observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> None:
-            self.compress_layer(idx, q, q_pos, layer)
+        def observe(
+            idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache, outputs: Tensor | None = None
+        ) -> None:
+            self.compress_layer(idx, q, q_pos, layer, outputs=outputs)
             self._report()
 
         def attend_and_observe(idx: int, q: Tensor, q_pos: Tensor, layer: LayerCache) -> Tensor:
