@@ -125,10 +125,10 @@ class Policy:
         q: (B, Hq, T', D) the last T' prompt queries (post-RoPE; at least `queries_needed(T)` of them
         and at least one; index them from the end), q_pos: (B, T') their positions. Slots that are
         always kept whatever the budget (SnapKV's window, TOVA's last token) score `+inf`; invalid
-        slots `-inf`. A policy with `reuses_outputs` also takes `outputs=`: the (B, Hq, T', D) float32
-        attention outputs of q over the layer when the press has them (a prefill layer's own attention),
-        (or of its last queries) for `ScoreInputs.outputs`; it must score the same as without them (up to
-        float32 rounding), and ignore outputs that do not cover the queries it reads.
+        slots `-inf`. A policy with `reuses_outputs` also takes `outputs=`, when the press has them: the
+        layer's float32 attention outputs (B, Hq, T'', D) of the last T'' <= T' queries of q (a prefill
+        layer's own attention), for `ScoreInputs.outputs`. It must score the same as without them (up
+        to float32 rounding) and ignore outputs that do not cover the queries it reads.
         """
         raise NotImplementedError
 
