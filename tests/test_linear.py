@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from obinfer.models.linear import SPLIT_MAX_ROWS, Linear, linear, split_blocks
+from obinfer.models.linear import SPLIT_MAX_ROWS, Linear, linear, one_row_bfloat16, split_blocks
 
 
 @pytest.fixture
@@ -57,6 +58,46 @@ def test_unsplit_cases_are_f_linear_bit_for_bit(threads):
     threads(1)
     assert split_blocks(one, w) == 1
     assert torch.equal(linear(one, w), F.linear(one, w))
+
+
+@contextlib.contextmanager
+def onednn(enabled: bool):  # torch.backends.mkldnn.flags() also sets TF32 flags, with a warning
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def test_one_bfloat16_row_skips_onednn_and_sets_the_flag_back(threads):
+    """One bfloat16 row with a row-major weight is multiplied with oneDNN off (torch's MKL path): the same
+    values as F.linear computed that way, bit for bit, within bfloat16 rounding of float64, and torch's
+    oneDNN flag is as it was afterwards, also after an error and when the user had turned it off."""
+    threads(2)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(300, 256, generator=g).bfloat16()  # row-major (out, in), as a bfloat16 model loads
+    b = torch.randn(300, generator=g).bfloat16()
+    x = torch.randn(1, 1, 256, generator=g).bfloat16()
+    mkl = torch.backends.mkl.is_available()
+    assert one_row_bfloat16(x, w) == mkl
+    assert not one_row_bfloat16(torch.randn(2, 256).bfloat16(), w)  # two rows: oneDNN
+    assert not one_row_bfloat16(x.half(), w.half()) and not one_row_bfloat16(x.float(), w.float())
+    assert not one_row_bfloat16(x, w.t().contiguous().t())  # input-major: the slow layout of that path
+    got = linear(x, w, b)
+    with onednn(not mkl):
+        ref = F.linear(x, w, b)
+    assert torch.equal(got, ref)
+    exact = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=0.1)  # bfloat16 outputs of size ~16
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError):  # a bias of the wrong size: F.linear raises inside the switch
+        linear(x, w, b[:7])
+    assert torch.backends.mkldnn.enabled
+    with onednn(False):
+        linear(x, w, b)
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
 
 
 def test_module_keeps_nn_linear_parameters_and_gradients(threads):
