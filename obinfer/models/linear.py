@@ -21,11 +21,11 @@ so outputs differ from `F.linear` by float32 rounding only (~1e-5 relative; test
 bfloat16 / float16 weights and other devices take `F.linear`.
 
 One bfloat16 row on CPU: torch sends a bfloat16 `F.linear` to oneDNN, whose one-row product streamed the
-weights at 15-18 GB/s on this Zen 4 machine (no AMX), Qwen2.5-0.5B's LM head at 15.5 GB/s; the same call
-with oneDNN switched off goes to torch's own BLAS path (MKL's bfloat16 GEMM, float32 accumulation) at
-34-47 GB/s, the LM head at 35.8. So `linear` makes a one-row bfloat16 product with oneDNN off
+weights at 15-32 GB/s on a 2-core Zen 4 machine (no AMX), Qwen2.5-0.5B's LM head at 15.5 GB/s; the same
+call with oneDNN switched off goes to torch's own BLAS path (MKL's bfloat16 GEMM, float32 accumulation)
+at 34-47 GB/s, the LM head at 35.8. So `linear` makes a one-row bfloat16 product with oneDNN off
 (`one_row_bfloat16`; the switch is torch's process-wide flag, set back after the call): whole decoding
-steps 1.5-1.6x faster in bfloat16 (SmolLM2 29 -> 44 tok/s, Qwen 14 -> 23 at 1k), logits as close to
+steps 1.6-1.7x faster in bfloat16 (SmolLM2 26.2 -> 41.6 tok/s, Qwen 14.5 -> 24.3 at 1k), logits as close to
 float32 as before (mean KL 0.0015 / 0.0009 against 0.0013 / 0.0009). Two or more rows stay with oneDNN
 (faster from 2-4 rows on); float16 gains nothing (equal speed) and stays too; a build without MKL (ARM)
 keeps oneDNN, whose replacement there would be torch's slow reference loops.
@@ -169,7 +169,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
     A decoding step then makes 4 products per layer instead of 7 (SmolLM2-135M float32 decoding on
     2 threads: 37.9 -> 32.9 ms a step, the same logits). `obinfer.weights.load_model` and
-    `obinfer.quantize.quantize_int8` call it; a model built by hand works without it.
+    `obinfer.quantize.quantize_int8` / `quantize_int4` call it; a model built by hand works without it.
     """
     for block in model.model.layers:
         a, m = block.self_attn, block.mlp
