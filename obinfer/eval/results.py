@@ -164,11 +164,14 @@ def row_problem(row: Any) -> str | None:
         v = row.get(field)  # optional integer fields
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
             return f"{field} must be an integer >= {least}"
+    not_a_press = f"{row['press']!r} is not a press name"
+    if METHOD_SEP in row["press"]:  # a report's method name (`press_name` reads it); a row's press has no tag
+        return not_a_press
     try:
-        press_name(row["press"])  # (which reads a report's method name: a row's press has no tag)
+        press_name(row["press"])
     except PressError:
-        return f"{row['press']!r} is not a press name"
-    return f"{row['press']!r} is not a press name" if METHOD_SEP in row["press"] else None
+        return not_a_press
+    return None
 
 
 def decode_json(raw: bytes) -> tuple[Any, str | None]:
